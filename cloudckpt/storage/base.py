@@ -1,0 +1,226 @@
+"""The Storage protocol: bytes in, bytes out, with the conditional writes commits rely on.
+
+A backend implements about eight verbs.  All are synchronous and thread-safe;
+parallelism lives in a bounded pool above them (see :func:`upload_multipart`).
+
+Write modes
+    ``"overwrite"``   replace whatever is there.
+    ``"create"``      fail with :class:`~cloudckpt.errors.AlreadyExists` if the key exists.
+    ``IfMatch(token)`` fail with :class:`~cloudckpt.errors.PreconditionFailed` unless the
+                      object's current ``ObjectInfo.token`` equals ``token``.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as _dt
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Literal, Union
+
+from ..errors import InvalidKey
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+@dataclass(frozen=True)
+class IfMatch:
+    """Write only if the object still carries ``token`` (an S3 ETag or a GCS generation)."""
+
+    token: str
+
+
+PutMode = Union[Literal["overwrite", "create"], IfMatch]
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a store knows about one object.
+
+    ``token`` is the value to pass to :class:`IfMatch` for a compare-and-swap.
+    ``crc32c`` is the store's own CRC32C of the bytes (hex) when it reports one.
+    """
+
+    key: str
+    size: int
+    token: str
+    last_modified: _dt.datetime | None = None
+    crc32c: str | None = None
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """A multipart upload that was started and neither completed nor aborted."""
+
+    key: str
+    upload_id: str
+    initiated: _dt.datetime | None
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative key, else raise :class:`InvalidKey`."""
+    if not isinstance(key, str) or not key:
+        raise InvalidKey(f"storage key must be a non-empty string, got {key!r}")
+    if key.startswith("/") or key.startswith("\\") or (len(key) > 1 and key[1] == ":"):
+        raise InvalidKey(f"storage key {key!r} is absolute; keys are relative to the store root")
+    if "\\" in key or "\x00" in key:
+        raise InvalidKey(f"storage key {key!r} contains a backslash or NUL byte")
+    for segment in key.split("/"):
+        if segment in ("", ".", ".."):
+            raise InvalidKey(
+                f"storage key {key!r} has an empty, '.' or '..' segment; "
+                "use plain names joined by single '/'"
+            )
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """Validate a listing prefix: empty, or a key that may end with ``/``."""
+    if prefix == "":
+        return prefix
+    check_key(prefix[:-1] if prefix.endswith("/") else prefix)
+    return prefix
+
+
+def check_range(key: str, byte_range: tuple[int, int] | None) -> None:
+    if byte_range is None:
+        return
+    start, end = byte_range
+    if not (isinstance(start, int) and isinstance(end, int)) or start < 0 or end < start:
+        raise ValueError(
+            f"invalid byte range {byte_range!r} for {key!r}: expected (start, end) "
+            "with 0 <= start <= end (end exclusive)"
+        )
+
+
+class MultipartUpload(abc.ABC):
+    """One multipart upload: parts (numbered from 1, any order, in parallel), then complete.
+
+    Use it as a context manager: leaving the block with an exception aborts
+    the upload, so no pending parts are left behind to be billed.
+    """
+
+    key: str
+
+    @abc.abstractmethod
+    def upload_part(self, number: int, data: Buffer) -> None:
+        """Store part ``number`` (1-based).  Every part but the last must meet the backend minimum."""
+
+    @abc.abstractmethod
+    def complete(self) -> ObjectInfo:
+        """Assemble the uploaded parts, in number order, into the object (honouring the mode)."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Discard the parts; the object is not created.  Safe to call twice."""
+
+    def __enter__(self) -> "MultipartUpload":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class Storage(abc.ABC):
+    """A flat key space of immutable-while-read objects under one root URL."""
+
+    url: str
+    #: Smallest part a multipart upload accepts (except the last one).
+    min_part_size: int = 1
+    #: Part size used when a caller does not choose one.
+    default_part_size: int = 16 * 1024 * 1024
+    #: Whether ``create`` and ``IfMatch`` are enforced atomically by the store.
+    supports_conditional_writes: bool = True
+
+    @abc.abstractmethod
+    def put(self, key: str, data: Buffer, mode: PutMode = "overwrite") -> ObjectInfo:
+        """Store ``data`` under ``key`` according to ``mode``; return the new object's info."""
+
+    @abc.abstractmethod
+    def get(self, key: str, range: tuple[int, int] | None = None) -> bytes:
+        """Return the object's bytes, or bytes ``[start, end)`` of it when ``range`` is given."""
+
+    @abc.abstractmethod
+    def head(self, key: str) -> ObjectInfo:
+        """Return the object's info; raise NotFound if it does not exist."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, sorted by key."""
+
+    @abc.abstractmethod
+    def delete(self, keys: Iterable[str]) -> None:
+        """Delete ``keys`` (batched where the store allows); missing keys are ignored."""
+
+    @abc.abstractmethod
+    def copy(self, src: str, dst: str) -> ObjectInfo:
+        """Copy ``src`` to ``dst`` inside the store without downloading it."""
+
+    @abc.abstractmethod
+    def multipart(self, key: str, mode: PutMode = "overwrite") -> MultipartUpload:
+        """Start a multipart upload of ``key``; ``mode`` is checked when it completes."""
+
+    @abc.abstractmethod
+    def mark_expired(self, keys: Iterable[str]) -> None:
+        """Flag ``keys`` for removal by the bucket's lifecycle rule (see cloudckpt.retention)."""
+
+    def list_pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        """Multipart uploads started under ``prefix`` that were never completed or aborted."""
+        return []
+
+    def abort_pending_upload(self, pending: PendingUpload) -> None:
+        """Abort one upload found by :meth:`list_pending_uploads`."""
+
+    def close(self) -> None:
+        """Release connections and threads.  The store must not be used afterwards."""
+
+    def __enter__(self) -> "Storage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+def upload_multipart(
+    store: Storage,
+    key: str,
+    data: Buffer,
+    *,
+    mode: PutMode = "overwrite",
+    part_size: int | None = None,
+    concurrency: int = 8,
+) -> ObjectInfo:
+    """Upload ``data`` as a multipart object, parts in parallel; abort on any error.
+
+    At most ``concurrency`` parts are in flight; parts are memoryview slices of
+    ``data``, so no part is copied before the backend sends it.
+    """
+    part_size = max(part_size or store.default_part_size, store.min_part_size)
+    view = memoryview(data).cast("B")
+    count = max(1, -(-len(view) // part_size))
+    failed = threading.Event()
+
+    def send(number: int) -> None:
+        if failed.is_set():
+            return
+        try:
+            upload.upload_part(number, view[(number - 1) * part_size : number * part_size])
+        except BaseException:
+            failed.set()
+            raise
+
+    upload = store.multipart(key, mode)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(concurrency, count))) as pool:
+            futures = [pool.submit(send, n) for n in range(1, count + 1)]
+            for future in futures:
+                future.result()
+        return upload.complete()
+    except BaseException:
+        upload.abort()
+        raise

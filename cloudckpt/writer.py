@@ -1,0 +1,171 @@
+"""Write one checkpoint: host tensors -> chunks -> parallel upload -> manifest commit.
+
+The commit is the create-only write of the manifest.  Until it succeeds the
+checkpoint does not exist; if anything before it fails, the chunks already
+uploaded are unreferenced garbage that the sweeper removes after its grace
+period, and every earlier checkpoint is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import AlreadyExists, CorruptCheckpoint
+from .format.dtypes import record_of, tensor_bytes
+from .format.manifest import ChunkRef, Manifest, TensorEntry, chunk_key
+from .format.serialize import ChunkPlan, plan_chunks
+from .hashing import blake3_hex, crc32c_hex
+from .storage.base import Storage, upload_multipart
+from .transfer import TransferConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WriteStats:
+    """What one save cost: chunks and bytes uploaded versus reused from earlier checkpoints."""
+
+    chunks_uploaded: int = 0
+    chunks_reused: int = 0
+    bytes_uploaded: int = 0
+    bytes_reused: int = 0
+
+
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU, contiguous tensor with ``tensor``'s values (``tensor`` itself when it already is one)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.to("cpu")
+    return tensor.contiguous()
+
+
+def _chunk_bytes(plan: ChunkPlan, index: int, views: list[memoryview]) -> memoryview:
+    slices = plan.chunks[index]
+    if len(slices) == 1:
+        s = slices[0]
+        return views[s.tensor_index][s.tensor_offset : s.tensor_offset + s.length]
+    buffer = bytearray(sum(s.length for s in slices))
+    for s in slices:
+        buffer[s.chunk_offset : s.chunk_offset + s.length] = views[s.tensor_index][
+            s.tensor_offset : s.tensor_offset + s.length
+        ]
+    return memoryview(buffer)
+
+
+class ChunkUploader:
+    """Hashes chunks and uploads those the store does not already hold for a live checkpoint."""
+
+    def __init__(self, store: Storage, transfer: TransferConfig, known: set[str]) -> None:
+        self.store = store
+        self.transfer = transfer
+        self.known = known
+        self.stats = WriteStats()
+        self._in_this_save: set[str] = set()
+        self._lock = threading.Lock()
+
+    def upload(self, data: memoryview) -> ChunkRef:
+        content_hash = blake3_hex(data)
+        ref = ChunkRef(chunk_key(content_hash), content_hash, len(data), crc32c_hex(data), len(data))
+        with self._lock:
+            reuse = ref.key in self.known or ref.key in self._in_this_save
+            self._in_this_save.add(ref.key)
+            if reuse:
+                self.stats.chunks_reused += 1
+                self.stats.bytes_reused += ref.size
+        if not reuse:
+            self._put(ref, data)
+            with self._lock:
+                self.stats.chunks_uploaded += 1
+                self.stats.bytes_uploaded += ref.size
+        return ref
+
+    def _put(self, ref: ChunkRef, data: memoryview) -> None:
+        if ref.size > self.transfer.multipart_threshold:
+            info = upload_multipart(
+                self.store, ref.key, data,
+                part_size=self.transfer.part_size, concurrency=self.transfer.concurrency,
+            )
+        else:
+            info = self.store.put(ref.key, data)
+        where = f"{self.store.url}/{ref.key}"
+        if info.size != ref.size or (info.crc32c is not None and info.crc32c != ref.crc32c):
+            raise CorruptCheckpoint(
+                f"{where}: the store reports {info.size} bytes crc32c {info.crc32c} after upload, "
+                f"but {ref.size} bytes crc32c {ref.crc32c} were sent"
+            )
+        if self.transfer.verify == "read-back":
+            stored = self.store.get(ref.key)
+            if len(stored) != ref.size or blake3_hex(stored) != ref.hash:
+                raise CorruptCheckpoint(f"{where}: read-back after upload does not match what was sent")
+
+
+def write_checkpoint(
+    store: Storage,
+    *,
+    name: str,
+    tree: Any,
+    tensors: list[torch.Tensor],
+    metadata: dict[str, Any],
+    transfer: TransferConfig,
+    known_chunks: set[str],
+    devices: list[str] | None = None,
+) -> tuple[Manifest, WriteStats]:
+    """Upload ``tensors`` (CPU, contiguous) as chunks, then commit the manifest named ``name``.
+
+    ``known_chunks`` are chunk keys referenced by live checkpoints of this root:
+    those are not uploaded again.  ``devices`` records where each tensor lived
+    before it was copied to host memory.  Raises AlreadyExists if ``name`` is taken.
+    """
+    records = [record_of(t) for t in tensors]
+    for record, tensor in zip(records, tensors):
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError(f"write_checkpoint needs host tensors; got one on {tensor.device}")
+    plan = plan_chunks(records, chunk_size=transfer.chunk_size, pack_threshold=transfer.pack_threshold)
+    views = [tensor_bytes(t) for t in tensors]
+    uploader = ChunkUploader(store, transfer, known_chunks)
+
+    with ThreadPoolExecutor(max_workers=transfer.concurrency, thread_name_prefix="cloudckpt-upload") as pool:
+        futures = [pool.submit(lambda i=i: uploader.upload(_chunk_bytes(plan, i, views)))
+                   for i in range(len(plan.chunks))]
+        try:
+            chunks = [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+    manifest = Manifest(
+        name=name,
+        tensors=[
+            TensorEntry(
+                dtype=record.dtype,
+                shape=tuple(record.shape),
+                device=devices[i] if devices else record.device,
+                nbytes=record.nbytes,
+                segments=tuple(plan.segments[i]),
+            )
+            for i, record in enumerate(records)
+        ],
+        chunks=chunks,
+        state=tree,
+        **metadata,
+    )
+    try:
+        store.put(name, manifest.to_bytes(), mode="create")
+    except AlreadyExists as exc:
+        raise AlreadyExists(
+            f"{store.url}/{name}: a checkpoint of that name is already committed; "
+            "it was kept as it is. Save under another name (name=...) or step."
+        ) from exc
+    log.info(
+        "committed %s/%s: %d chunks uploaded (%.1f MiB), %d reused (%.1f MiB)",
+        store.url, name, uploader.stats.chunks_uploaded, uploader.stats.bytes_uploaded / 2**20,
+        uploader.stats.chunks_reused, uploader.stats.bytes_reused / 2**20,
+    )
+    return manifest, uploader.stats

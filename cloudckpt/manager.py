@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import math
 import os
@@ -32,8 +33,10 @@ from .pointers import (
 )
 from .reader import ReadStats, load_manifest, read_tensors, verify_chunks
 from .restore import apply_state, match_destinations, select
+from .retention import RetentionContext, as_policy
 from .state import RNG_KEY, RNGState
 from .storage import Storage, open_storage
+from .sweeper import SweepConfig, Sweeper, SweepReport, referenced_chunks
 from .transfer import TransferConfig
 from .writer import WriteStats, host_copy, write_checkpoint
 
@@ -88,6 +91,7 @@ class CheckpointManager:
         allow_pickle: bool = False,
         config: Mapping[str, Any] | None = None,
         top_k: int = 10,
+        cleanup: SweepConfig | None = None,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -99,7 +103,8 @@ class CheckpointManager:
             self.store = open_storage(root, **dict(storage_options or {}))
         self.monitor = monitor
         self.mode = mode
-        self.retention = retention
+        self.retention = None if retention is None else as_policy(retention)
+        self.sweeper = Sweeper(self.store, cleanup)
         self.async_save = async_save
         self.transfer = transfer or TransferConfig()
         self.capture_rng = capture_rng
@@ -151,6 +156,8 @@ class CheckpointManager:
             )
             self._remember(manifest)
             pointers = self._after_commit(manifest)
+            if self.retention is not None:
+                self.prune()
         return CheckpointInfo.of(manifest, pointers, stats)
 
     def _with_rng(self, state: Mapping[str, Any]) -> dict[str, Any]:
@@ -406,6 +413,69 @@ class CheckpointManager:
         self._manifests.pop(candidates[0], None)
         return verify_chunks(self.store, self._manifest(candidates[0]), self.transfer)
 
+    # -- retention -------------------------------------------------------------
+    def prune(self, *, dry_run: bool = False) -> SweepReport:
+        """Apply the retention policy now: remove checkpoints it does not keep, then sweep garbage.
+
+        Checkpoints named by a pointer (latest, best) or pinned are always kept.
+        Without a retention policy nothing is removed, but garbage chunks
+        (from failed saves) are still swept.  ``dry_run`` only reports.
+        """
+        self._check_open()
+        report = SweepReport(cleanup=self.sweeper.config.cleanup, dry_run=dry_run)
+        with self._lock:
+            infos = self.list()
+            protected = {i.name for i in infos if i.pointers} | self.pinned()
+            policy = self.retention or as_policy(None)
+            keep = policy(infos, RetentionContext(self.monitor, self.mode)) | protected
+            doomed = {i.name for i in infos if i.name not in keep}
+            self.sweeper.remove_checkpoints(doomed, report)
+            if doomed and not dry_run:
+                for name in doomed:
+                    self._manifests.pop(name, None)
+                update_json(self.store, STATE_KEY, lambda body: _forget(body, doomed))
+            try:
+                self.sweeper.sweep_chunks(lambda: self._referenced(exclude=doomed), report)
+            except _UnreadableManifest as exc:
+                log.warning("chunks not swept: %s", exc)
+            self.sweeper.abort_stale_uploads(report)
+            self._live_chunks = None
+        return report
+
+    def _referenced(self, exclude: set[str]) -> set[str]:
+        manifests = []
+        for name in self._manifest_names():
+            if name in exclude:
+                continue
+            try:
+                manifests.append(self._manifest(name))
+            except _RESTORE_FAILURES as exc:
+                raise _UnreadableManifest(
+                    f"{self.store.url}/{name} cannot be read ({exc}); its chunks cannot be told apart "
+                    "from garbage, so nothing is deleted until it is repaired or removed"
+                ) from exc
+        return referenced_chunks(manifests)
+
+    def pinned(self) -> set[str]:
+        """Checkpoints pinned with :meth:`pin`; retention keeps them."""
+        try:
+            body = json.loads(self.store.get(STATE_KEY))
+        except (NotFound, ValueError):
+            return set()
+        pins = body.get("pinned", []) if isinstance(body, dict) else []
+        return {p for p in pins if isinstance(p, str)}
+
+    def pin(self, name: str, pinned: bool = True) -> None:
+        """Pin (or, with ``pinned=False``, unpin) a checkpoint so that retention never removes it."""
+        self._manifest(check_manifest_name(name))
+
+        def change(body: dict[str, Any]) -> dict[str, Any]:
+            pins = set(body.get("pinned", [])) if isinstance(body.get("pinned"), list) else set()
+            body["pinned"] = sorted(pins | {name} if pinned else pins - {name})
+            return body
+
+        update_json(self.store, STATE_KEY, change)
+
     # -- lifecycle -------------------------------------------------------------
     def wait(self) -> None:
         """Block until every save so far is committed (sync saves always are)."""
@@ -433,6 +503,18 @@ class CheckpointManager:
 
 
 _ABSENT: Any = torch.empty(0)
+
+
+class _UnreadableManifest(CloudCkptError):
+    pass
+
+
+def _forget(body: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    index = body.get("checkpoints")
+    if isinstance(index, dict):
+        for name in names:
+            index.pop(name, None)
+    return body
 
 
 def _as_metric(name: Any, value: Any) -> float | None:

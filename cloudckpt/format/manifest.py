@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from ..errors import CorruptCheckpoint, FormatVersionError
+from ..storage.lifecycle import CHUNK_PREFIX
 from .serialize import Segment
 
 FORMAT_NAME = "cloudckpt"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-CHUNK_PREFIX = "chunks/"
 MANIFEST_SUFFIX = ".ckpt"
 REASONS = ("periodic", "best", "manual", "exception", "preemption", "final")
 COMPRESSIONS = ("none", "zstd")

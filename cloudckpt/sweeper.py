@@ -1,0 +1,132 @@
+"""Deleting checkpoints and sweeping the chunks no checkpoint needs any more.
+
+Order matters for promise 3 (nothing lost):
+
+1. A checkpoint is removed by deleting its manifest, first.  From then on it
+   does not exist, whatever happens next.
+2. A chunk is garbage only if no live manifest references it *and* it is older
+   than a grace period: a concurrent writer uploads chunks before it commits
+   the manifest that references them.  Manifests are re-listed right before
+   chunks go, so one committed meanwhile protects its chunks.
+3. Garbage is either deleted (``cleanup="delete"``, batched) or marked for the
+   bucket's lifecycle rule (``cleanup="lifecycle"``: one tagging request per
+   chunk, no delete requests, removal done by the bucket).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Literal
+
+from .format.manifest import Manifest
+from .storage.base import Storage
+from .storage.lifecycle import CHUNK_PREFIX
+
+log = logging.getLogger(__name__)
+
+Cleanup = Literal["delete", "lifecycle"]
+
+
+def _utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+@dataclass
+class SweepReport:
+    """What one sweep removed (or, in a dry run, would remove)."""
+
+    checkpoints_removed: list[str] = field(default_factory=list)
+    chunks_removed: int = 0
+    bytes_removed: int = 0
+    chunks_too_young: int = 0
+    uploads_aborted: int = 0
+    cleanup: str = "delete"
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """How cleanup behaves.
+
+    grace
+        Unreferenced chunks younger than this are left alone (a writer may be
+        about to commit them).  Must exceed the longest save you run.
+    stale_upload_age
+        Multipart uploads started longer ago than this are aborted.
+    """
+
+    cleanup: Cleanup = "delete"
+    grace: _dt.timedelta = _dt.timedelta(hours=6)
+    stale_upload_age: _dt.timedelta = _dt.timedelta(days=1)
+    clock: Callable[[], _dt.datetime] = field(default=_utcnow, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.cleanup not in ("delete", "lifecycle"):
+            raise ValueError(f"cleanup must be 'delete' or 'lifecycle', got {self.cleanup!r}")
+
+
+class Sweeper:
+    """Removes checkpoints and garbage chunks from one root, by a :class:`SweepConfig`."""
+
+    def __init__(self, store: Storage, config: SweepConfig | None = None) -> None:
+        self.store = store
+        self.config = config or SweepConfig()
+
+    def remove_checkpoints(self, names: Iterable[str], report: SweepReport) -> None:
+        """Delete the manifests ``names`` (the checkpoints cease to exist; their chunks become garbage)."""
+        names = sorted(names)
+        if names and not report.dry_run:
+            self.store.delete(names)
+        report.checkpoints_removed.extend(names)
+        for name in names:
+            log.info("%s %s/%s", "would remove" if report.dry_run else "removed", self.store.url, name)
+
+    def sweep_chunks(
+        self,
+        live_chunks: Callable[[], set[str]],
+        report: SweepReport,
+    ) -> None:
+        """Delete or mark chunks outside ``live_chunks()`` older than the grace period.
+
+        ``live_chunks`` is called after the chunk listing, so a manifest
+        committed while we listed still protects its chunks.
+        """
+        now = self.config.clock()
+        listed = self.store.list(CHUNK_PREFIX)
+        referenced = live_chunks()
+        garbage = []
+        for info in listed:
+            if info.key in referenced:
+                continue
+            if info.last_modified is not None and now - info.last_modified < self.config.grace:
+                report.chunks_too_young += 1
+                continue
+            garbage.append(info)
+        report.chunks_removed += len(garbage)
+        report.bytes_removed += sum(i.size for i in garbage)
+        if garbage and not report.dry_run:
+            keys = [i.key for i in garbage]
+            if self.config.cleanup == "delete":
+                self.store.delete(keys)
+            else:
+                self.store.mark_expired(keys)
+        if garbage:
+            log.info("%s %d unreferenced chunks (%.1f MiB) under %s",
+                     {"delete": "deleted", "lifecycle": "marked for expiry"}[self.config.cleanup]
+                     if not report.dry_run else "would clean", len(garbage),
+                     report.bytes_removed / 2**20, self.store.url)
+
+    def abort_stale_uploads(self, report: SweepReport) -> None:
+        """Abort multipart uploads older than ``stale_upload_age`` (left by crashed writers)."""
+        now = self.config.clock()
+        for pending in self.store.list_pending_uploads(CHUNK_PREFIX):
+            if pending.initiated is not None and now - pending.initiated >= self.config.stale_upload_age:
+                if not report.dry_run:
+                    self.store.abort_pending_upload(pending)
+                report.uploads_aborted += 1
+
+
+def referenced_chunks(manifests: Iterable[Manifest]) -> set[str]:
+    return {chunk.key for manifest in manifests for chunk in manifest.chunks}

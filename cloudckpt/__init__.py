@@ -21,8 +21,23 @@ __all__ = [
     "RetryPolicy", "Storage", "TransientError", "open_storage", "__version__",
 ]
 
+from .callback import Callback, CheckpointCallback  # noqa: E402
 from .manager import CheckpointInfo, CheckpointManager  # noqa: E402
+from .retention import (  # noqa: E402
+    KeepAll,
+    KeepBestAndLatest,
+    KeepBestK,
+    KeepEvery,
+    KeepLastN,
+    RetentionPolicy,
+)
 from .state import ResumableSampler, RNGState  # noqa: E402
+from .sweeper import SweepConfig, SweepReport  # noqa: E402
+from .trainer import Trainer  # noqa: E402
 from .transfer import TransferConfig  # noqa: E402
 
-__all__ += ["CheckpointInfo", "CheckpointManager", "RNGState", "ResumableSampler", "TransferConfig"]
+__all__ += [
+    "Callback", "CheckpointCallback", "CheckpointInfo", "CheckpointManager", "KeepAll",
+    "KeepBestAndLatest", "KeepBestK", "KeepEvery", "KeepLastN", "RNGState", "ResumableSampler",
+    "RetentionPolicy", "SweepConfig", "SweepReport", "Trainer", "TransferConfig",
+]

@@ -189,18 +189,23 @@ class CheckpointManager:
         moved = []
         if advance_latest(self.store, Pointer(manifest.name, manifest.step)):
             moved.append(LATEST_POINTER)
-        value = manifest.metrics.get(self.monitor) if self.monitor else None
-        if self.monitor and self.monitor not in manifest.metrics:
-            log.warning("metric %r missing from the metrics of %s; it cannot become the best",
-                        self.monitor, manifest.name)
-        elif self.monitor and (value is None or math.isnan(value)):
-            log.warning("metric %r of %s is NaN; it cannot become the best", self.monitor, manifest.name)
-        elif self.monitor:
-            pointer = Pointer(manifest.name, manifest.step, self.monitor, value, self.mode)
-            if promote_best(self.store, pointer):
-                moved.append(best_pointer_key(self.monitor))
+        if self._promote_best(manifest):
+            moved.append(best_pointer_key(self.monitor))
         update_json(self.store, STATE_KEY, lambda body: self._record(body, manifest))
         return tuple(moved)
+
+    def _promote_best(self, manifest: Manifest) -> bool:
+        if not self.monitor or not manifest.metrics:
+            return False
+        value = manifest.metrics.get(self.monitor)
+        if self.monitor not in manifest.metrics:
+            log.warning("metric %r missing from the metrics of %s; it cannot become the best",
+                        self.monitor, manifest.name)
+            return False
+        if value is None or math.isnan(value):
+            log.warning("metric %r of %s is NaN; it cannot become the best", self.monitor, manifest.name)
+            return False
+        return promote_best(self.store, Pointer(manifest.name, manifest.step, self.monitor, value, self.mode))
 
     def _record(self, body: dict[str, Any], manifest: Manifest) -> dict[str, Any]:
         index = body.setdefault("checkpoints", {})
@@ -390,9 +395,12 @@ class CheckpointManager:
         if rng is not None:
             RNGState().load_state_dict(dict(rng))
 
-    def load(self, which: Which = "latest", *, map_location: str | torch.device | None = None
-             ) -> tuple[dict[str, Any], CheckpointInfo]:
-        """Read a checkpoint into new objects (state dicts as plain dicts), without live targets."""
+    def load(self, which: Which = "latest", *, map_location: str | torch.device | None = None,
+             restore_rng: bool = False) -> tuple[dict[str, Any], CheckpointInfo]:
+        """Read a checkpoint into new objects (state dicts as plain dicts), without live targets.
+
+        With ``restore_rng`` the process's random generators are set from the checkpoint too.
+        """
         candidates = self._candidates(which)
         if not candidates:
             raise NotFound(f"{self.store.url}: no checkpoint to load")
@@ -402,7 +410,9 @@ class CheckpointManager:
             tensors = {i: t.to(map_location) for i, t in tensors.items()}
         holder = unflatten(manifest.state, [tensors[i] for i in range(len(manifest.tensors))],
                            allow_pickle=self.allow_pickle)
-        holder.pop(RNG_KEY, None)
+        rng = holder.pop(RNG_KEY, None)
+        if restore_rng and rng is not None:
+            RNGState().load_state_dict(dict(rng))
         return _plain(holder), CheckpointInfo.of(manifest)
 
     def verify(self, which: Which = "latest") -> ReadStats:

@@ -38,6 +38,8 @@ from .state import RNG_KEY, RNGState
 from .storage import Storage, open_storage
 from .sweeper import SweepConfig, Sweeper, SweepReport, referenced_chunks
 from .transfer import TransferConfig
+from .pipeline import BackgroundSaver, SaveHandle
+from .snapshot import HostBufferPool, Snapshot
 from .writer import WriteStats, host_copy, write_checkpoint
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,8 @@ class CheckpointManager:
         self._live_chunks: set[str] | None = None
         self._lock = threading.RLock()
         self._closed = False
+        self._saver = BackgroundSaver() if async_save else None
+        self._pool = HostBufferPool()
 
     # -- saving ----------------------------------------------------------------
     def save(
@@ -126,8 +130,13 @@ class CheckpointManager:
         *,
         reason: str = "manual",
         name: str | None = None,
-    ) -> CheckpointInfo:
+    ) -> CheckpointInfo | SaveHandle[CheckpointInfo]:
         """Commit a checkpoint of ``state``; return its info once it is durable.
+
+        With ``async_save`` the call returns once the state is copied to host
+        memory, with a :class:`SaveHandle` whose ``result()`` is the info; the
+        upload and commit run in the background (one at a time), and a failure
+        is raised by the next ``save()``, ``wait()`` or ``close()``.
 
         ``name`` defaults to ``checkpoint_step_{step:08d}.ckpt``.  The latest
         pointer moves to it (unless a later step is already there) and, when
@@ -141,7 +150,6 @@ class CheckpointManager:
             raise ValueError(f"{name!r} is reserved for a pointer object; choose another checkpoint name")
         metrics = {str(k): _as_metric(k, v) for k, v in (metrics or {}).items()}
         flat = flatten(self._with_rng(state), allow_pickle=self.allow_pickle)
-        host = [host_copy(t) for t in flat.tensors]
         devices = [str(t.device) for t in flat.tensors]
         metadata = dict(
             step=step, epoch=epoch, reason=reason, metrics=metrics,
@@ -149,9 +157,19 @@ class CheckpointManager:
             library_version=__version__, host=socket.gethostname(), config=self.config,
             pickled=self.allow_pickle and _has_pickle(flat.tree),
         )
+        if self._saver is None:
+            snapshot = Snapshot([host_copy(t) for t in flat.tensors], 0)
+            return self._commit(name, flat.tree, snapshot, devices, metadata)
+        self._saver.wait()  # back-pressure: the previous save must release the host buffer first
+        snapshot = self._pool.snapshot(flat.tensors)
+        return self._saver.submit(name, lambda: self._commit(name, flat.tree, snapshot, devices, metadata))
+
+    def _commit(self, name: str, tree: Any, snapshot: Snapshot, devices: list[str],
+                metadata: dict[str, Any]) -> CheckpointInfo:
+        snapshot.wait_ready()
         with self._lock:
             manifest, stats = write_checkpoint(
-                self.store, name=name, tree=flat.tree, tensors=host, metadata=metadata,
+                self.store, name=name, tree=tree, tensors=snapshot.tensors, metadata=metadata,
                 transfer=self.transfer, known_chunks=self._known_chunks(), devices=devices,
             )
             self._remember(manifest)
@@ -488,15 +506,19 @@ class CheckpointManager:
 
     # -- lifecycle -------------------------------------------------------------
     def wait(self) -> None:
-        """Block until every save so far is committed (sync saves always are)."""
+        """Block until every save so far is committed; raise the error of one that failed."""
+        if self._saver is not None:
+            self._saver.wait()
 
     def close(self) -> None:
-        """Finish pending work and release the store's connections."""
+        """Finish pending work (raising its error, if any) and release the store's connections."""
         if self._closed:
             return
-        self.wait()
-        self._closed = True
-        self.store.close()
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self.store.close()
 
     def _check_open(self) -> None:
         if self._closed:

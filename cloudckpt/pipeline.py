@@ -1,0 +1,115 @@
+"""The background half of an async save: one worker, back-pressure, errors that are never lost.
+
+At most one save is in flight.  A new save first waits for the previous one
+(so host memory holds one snapshot, not a queue of them).  An error of a
+background save is raised by the next ``save()``, ``wait()`` or ``close()``
+of the manager, and by the handle's ``result()``.  At interpreter exit, an
+in-flight save is completed before Python tears down its thread pools; a
+process killed outright leaves no visible checkpoint, because the manifest
+is only written at the very end.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from concurrent.futures import Future
+from typing import Callable, Generic, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_live_savers: "weakref.WeakSet[BackgroundSaver]" = weakref.WeakSet()
+
+
+def _drain_at_exit() -> None:
+    for saver in list(_live_savers):
+        saver.drain_quietly()
+
+
+# Runs before concurrent.futures refuses new work at shutdown (the writer uses thread pools).
+_register = getattr(threading, "_register_atexit", None)
+if _register is not None:
+    _register(_drain_at_exit)
+else:  # pragma: no cover - other Pythons
+    import atexit
+
+    atexit.register(_drain_at_exit)
+
+
+class SaveHandle(Generic[T]):
+    """What an async ``save()`` returns: ``result()`` blocks until the checkpoint is committed."""
+
+    def __init__(self, future: "Future[T]", name: str) -> None:
+        self._future = future
+        self.name = name
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> T:
+        """The committed checkpoint's info; raises the save's error if it failed."""
+        return self._future.result(timeout)
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "in flight"
+        return f"SaveHandle({self.name!r}, {state})"
+
+
+class BackgroundSaver:
+    """Runs one save job at a time on its own thread."""
+
+    def __init__(self) -> None:
+        self._current: Future | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        _live_savers.add(self)
+
+    def submit(self, name: str, job: Callable[[], T]) -> SaveHandle[T]:
+        """Start ``job`` in the background (after the previous job finished; raise its error first)."""
+        self.wait()
+        future: Future[T] = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(job())
+            except BaseException as exc:  # surfaced on the caller's thread, never swallowed
+                with self._lock:
+                    self._error = self._error or exc
+                log.error("background save of %s failed: %s", name, exc)
+                future.set_exception(exc)
+
+        with self._lock:
+            self._current = future
+        threading.Thread(target=run, name=f"cloudckpt-save-{name}", daemon=False).start()
+        return SaveHandle(future, name)
+
+    def wait(self) -> None:
+        """Block until the in-flight job (if any) ends; raise the first unreported failure."""
+        with self._lock:
+            current = self._current
+        if current is not None:
+            try:
+                current.result()
+            except BaseException:
+                pass
+        with self._lock:
+            error, self._error = self._error, None
+            self._current = None
+        if error is not None:
+            raise error
+
+    def drain_quietly(self) -> None:
+        """Finish in-flight work at interpreter exit; report a failure in the log only."""
+        try:
+            self.wait()
+        except BaseException as exc:
+            log.error("checkpoint save in flight at exit failed: %s", exc)
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return self._current is not None and not self._current.done()

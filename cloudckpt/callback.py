@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal, Mapping
 
 from .manager import CheckpointInfo, CheckpointManager
 from .pointers import is_better
+from .preemption import Preempted, PreemptionWatcher
 from .retention import KeepBestK, KeepLastN, RetentionPolicy
 from .storage.base import Storage
 from .sweeper import SweepConfig
@@ -70,6 +71,12 @@ class CheckpointCallback(Callback):
     ``keep_last_n`` keeps a rolling window (plus the best one when
     ``save_best``); ``retention=`` takes any policy instead.  With
     ``auto_resume`` (default) ``on_train_begin`` restores the newest checkpoint.
+
+    ``preemption=True`` (or a :class:`~cloudckpt.preemption.PreemptionWatcher`)
+    installs SIGTERM handling: at the next step boundary after a notice the
+    callback waits for any save in flight, saves a checkpoint marked
+    ``preemption`` within the watcher's deadline, and raises
+    :class:`~cloudckpt.preemption.Preempted` (exit status 75).
     """
 
     def __init__(
@@ -92,6 +99,7 @@ class CheckpointCallback(Callback):
         storage_options: Mapping[str, Any] | None = None,
         transfer: TransferConfig | None = None,
         on_save_error: Literal["raise", "warn"] = "raise",
+        preemption: PreemptionWatcher | bool | None = None,
         clock: Callable[[], float] = time.monotonic,
         manager: CheckpointManager | None = None,
     ) -> None:
@@ -122,6 +130,7 @@ class CheckpointCallback(Callback):
         self.auto_resume = auto_resume
         self.on_save_error = on_save_error
         self.clock = clock
+        self.preemption = PreemptionWatcher() if preemption is True else (preemption or None)
         self.best_value: float | None = None
         self.resumed_from: CheckpointInfo | None = None
         self._last_saved_step: int | None = None
@@ -129,6 +138,8 @@ class CheckpointCallback(Callback):
 
     # -- hooks -------------------------------------------------------------------
     def on_train_begin(self, trainer: Any) -> None:
+        if self.preemption is not None:
+            self.preemption.install()
         best = self.manager.best() if self.save_best else None
         if best is not None:
             self.best_value = best.metrics.get(self.monitor)
@@ -148,6 +159,8 @@ class CheckpointCallback(Callback):
             log.info("no checkpoint under %s; starting from scratch", self.manager.store.url)
 
     def on_step_end(self, trainer: Any, step: int, logs: Mapping[str, float]) -> None:
+        if self.preemption is not None and self.preemption.requested:
+            self._preempt(trainer)
         due = self.save_every_n_steps is not None and step % self.save_every_n_steps == 0
         if self.save_every_seconds is not None and self.clock() - self._last_save_time >= self.save_every_seconds:
             due = True
@@ -160,15 +173,21 @@ class CheckpointCallback(Callback):
         if periodic or improved:
             self._save(trainer, reason="periodic" if periodic else "best", metrics=metrics,
                        name=f"checkpoint_epoch_{epoch:04d}.ckpt", epoch=epoch)
+        if self.preemption is not None and self.preemption.requested:
+            self._preempt(trainer)
 
     def on_train_end(self, trainer: Any) -> None:
         if self.save_on_train_end:
             self._save(trainer, reason="final", metrics=None,
                        name=f"checkpoint_step_{_step_of(trainer):08d}.ckpt")
         self.manager.wait()
+        if self.preemption is not None:
+            self.preemption.close()
 
     def on_exception(self, trainer: Any, exc: BaseException) -> None:
-        if not self.save_on_exception:
+        if self.preemption is not None:
+            self.preemption.close()
+        if not self.save_on_exception or isinstance(exc, Preempted):
             return
         step = _step_of(trainer)
         try:
@@ -195,6 +214,29 @@ class CheckpointCallback(Callback):
         return state
 
     # -- internals -----------------------------------------------------------------
+    def _preempt(self, trainer: Any) -> None:
+        watcher = self.preemption
+        assert watcher is not None and watcher.notice is not None
+        reason = watcher.notice.reason
+        step = _step_of(trainer)
+        try:
+            self.manager.wait()  # a save in flight finishes first; the new one supersedes it
+        except Exception as exc:
+            log.error("the save in flight at preemption failed: %s", exc)
+        if step != self._last_saved_step:
+            try:
+                result = self.manager.save(_state_of(trainer), step=step, epoch=_epoch_of(trainer),
+                                           reason="preemption", name=f"checkpoint_step_{step:08d}.ckpt")
+                if not isinstance(result, CheckpointInfo):
+                    result = result.result(timeout=watcher.remaining())
+                self._note_saved(step, None)
+                log.warning("preemption checkpoint %s committed with %.1f s of the deadline left",
+                            result.name, watcher.remaining())
+            except Exception as exc:
+                log.error("preemption checkpoint at step %d failed: %s", step, exc)
+        raise Preempted(reason)
+
+
     def _improves(self, metrics: Mapping[str, float]) -> bool:
         value = metrics.get(self.monitor)
         if value is None:

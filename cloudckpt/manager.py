@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .errors import CloudCkptError, CorruptCheckpoint, FormatVersionError, NotFound
-from .format.manifest import Manifest, check_manifest_name
+from .format.manifest import ChunkRef, Manifest, check_manifest_name
 from .format.serialize import StateDict, flatten, unflatten
 from .pointers import (
     BEST_POINTER_PREFIX,
@@ -114,7 +114,7 @@ class CheckpointManager:
         self.config = dict(config or {})
         self.top_k = top_k
         self._manifests: dict[str, Manifest] = {}
-        self._live_chunks: set[str] | None = None
+        self._live_chunks: dict[str, ChunkRef] | None = None
         self._lock = threading.RLock()
         self._closed = False
         self._saver = BackgroundSaver() if async_save else None
@@ -188,9 +188,9 @@ class CheckpointManager:
             raise ValueError(f"state keys must be strings not starting with '__', got {bad!r}")
         return {**state, RNG_KEY: RNGState()} if self.capture_rng else dict(state)
 
-    def _known_chunks(self) -> set[str]:
+    def _known_chunks(self) -> dict[str, ChunkRef]:
         if self._live_chunks is None:
-            self._live_chunks = set()
+            self._live_chunks = {}
             for name in self._manifest_names():
                 try:
                     self._remember(self._manifest(name))
@@ -201,7 +201,7 @@ class CheckpointManager:
     def _remember(self, manifest: Manifest) -> None:
         self._manifests[manifest.name] = manifest
         if self._live_chunks is not None:
-            self._live_chunks.update(c.key for c in manifest.chunks)
+            self._live_chunks.update((c.key, c) for c in manifest.chunks)
 
     def _after_commit(self, manifest: Manifest) -> tuple[str, ...]:
         moved = []

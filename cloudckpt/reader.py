@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import CorruptCheckpoint, NotFound
+from .format.compression import decompress
 from .format.dtypes import TensorRecord, empty_from_record, tensor_bytes
 from .format.manifest import ChunkRef, Manifest, parse_manifest
 from .hashing import blake3_hex, crc32c_hex
@@ -58,6 +59,8 @@ class ChunkFetcher:
             raise CorruptCheckpoint(f"{where}: chunk has {len(data)} bytes, the manifest says {ref.size}")
         if crc32c_hex(data) != ref.crc32c:
             raise CorruptCheckpoint(f"{where}: chunk CRC32C mismatch; the stored bytes are damaged")
+        if ref.key.endswith(".zst"):
+            data = decompress(data, ref.raw_size, where)
         if self.full and blake3_hex(data) != ref.hash:
             raise CorruptCheckpoint(f"{where}: chunk content does not match its BLAKE3 name")
         return memoryview(data)

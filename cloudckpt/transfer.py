@@ -16,9 +16,12 @@ class TransferConfig:
         Tensor bytes are cut into chunks of at most this size; each chunk is one
         content-addressed object.  Boundaries are stable: a tensor's chunks start
         at its own first byte, so changing one tensor never moves another's.
-    pack_threshold
-        Tensors smaller than this are packed together (in state order) into
-        chunks, so a model with thousands of small parameters costs few requests.
+    pack_threshold, pack_size
+        Tensors smaller than ``pack_threshold`` are packed together (in state
+        order) into chunks of at most ``pack_size``, so a model with thousands of
+        small parameters costs few requests, while a change to one of them
+        re-uploads one small pack, not a 64 MiB one.  ``pack_size`` defaults to
+        4 MiB (bounded by ``pack_threshold`` and ``chunk_size``).
     concurrency
         Chunks (and multipart parts / ranged reads) in flight at once.  Memory
         in flight is bounded by about ``concurrency * chunk_size``.
@@ -27,6 +30,9 @@ class TransferConfig:
         ``part_size`` parts (the backend's default part size when None).
     range_size
         Downloads of chunks larger than this are split into parallel ranged GETs.
+    compression, compression_level
+        ``"zstd"`` compresses every chunk (recorded in the manifest); ``"none"``
+        (default) stores raw bytes.  See ``docs/PERFORMANCE.md`` for when it pays.
     verify
         ``"store"``: after each upload, compare the size and CRC32C the store
         reports with what was sent.  ``"read-back"``: also re-read every uploaded
@@ -34,18 +40,26 @@ class TransferConfig:
     """
 
     chunk_size: int = 64 * MiB
-    pack_threshold: int = 4 * MiB
+    pack_threshold: int = 1 * MiB
+    pack_size: int | None = None
     concurrency: int = 8
     multipart_threshold: int = 32 * MiB
     part_size: int | None = None
     range_size: int = 16 * MiB
     verify: Literal["store", "read-back"] = "store"
+    compression: Literal["none", "zstd"] = "none"
+    compression_level: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "pack_threshold", "concurrency", "multipart_threshold", "range_size"):
+        if self.pack_size is None:
+            object.__setattr__(self, "pack_size", max(self.pack_threshold, min(4 * MiB, self.chunk_size)))
+        for name in ("chunk_size", "pack_threshold", "pack_size", "concurrency", "multipart_threshold",
+                     "range_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TransferConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.pack_threshold > self.chunk_size:
-            raise ValueError("TransferConfig.pack_threshold must not exceed chunk_size")
+        if not self.pack_threshold <= self.pack_size <= self.chunk_size:
+            raise ValueError("TransferConfig needs pack_threshold <= pack_size <= chunk_size")
+        if self.compression not in ("none", "zstd"):
+            raise ValueError(f"TransferConfig.compression must be 'none' or 'zstd', got {self.compression!r}")
         if self.verify not in ("store", "read-back"):
             raise ValueError(f"TransferConfig.verify must be 'store' or 'read-back', got {self.verify!r}")

@@ -19,6 +19,7 @@ import torch
 from .errors import AlreadyExists, CorruptCheckpoint
 from .format.dtypes import record_of, tensor_bytes
 from .format.manifest import ChunkRef, Manifest, TensorEntry, chunk_key
+from .format.compression import compress
 from .format.serialize import ChunkPlan, plan_chunks
 from .hashing import blake3_hex, crc32c_hex
 from .storage.base import Storage, upload_multipart
@@ -61,28 +62,31 @@ def _chunk_bytes(plan: ChunkPlan, index: int, views: list[memoryview]) -> memory
 class ChunkUploader:
     """Hashes chunks and uploads those the store does not already hold for a live checkpoint."""
 
-    def __init__(self, store: Storage, transfer: TransferConfig, known: set[str]) -> None:
+    def __init__(self, store: Storage, transfer: TransferConfig, known: dict[str, ChunkRef]) -> None:
         self.store = store
         self.transfer = transfer
         self.known = known
         self.stats = WriteStats()
-        self._in_this_save: set[str] = set()
+        self._in_this_save: dict[str, ChunkRef] = {}
         self._lock = threading.Lock()
 
-    def upload(self, data: memoryview) -> ChunkRef:
-        content_hash = blake3_hex(data)
-        ref = ChunkRef(chunk_key(content_hash), content_hash, len(data), crc32c_hex(data), len(data))
+    def upload(self, raw: memoryview) -> ChunkRef:
+        content_hash = blake3_hex(raw)
+        key = chunk_key(content_hash, self.transfer.compression)
         with self._lock:
-            reuse = ref.key in self.known or ref.key in self._in_this_save
-            self._in_this_save.add(ref.key)
-            if reuse:
+            reused = self.known.get(key) or self._in_this_save.get(key)
+            if reused is not None:
                 self.stats.chunks_reused += 1
-                self.stats.bytes_reused += ref.size
-        if not reuse:
-            self._put(ref, data)
-            with self._lock:
-                self.stats.chunks_uploaded += 1
-                self.stats.bytes_uploaded += ref.size
+                self.stats.bytes_reused += reused.size
+                return reused
+        stored = raw if self.transfer.compression == "none" else memoryview(
+            compress(raw, self.transfer.compression_level))
+        ref = ChunkRef(key, content_hash, len(stored), crc32c_hex(stored), len(raw))
+        self._put(ref, stored)
+        with self._lock:
+            self._in_this_save[key] = ref
+            self.stats.chunks_uploaded += 1
+            self.stats.bytes_uploaded += ref.size
         return ref
 
     def _put(self, ref: ChunkRef, data: memoryview) -> None:
@@ -101,7 +105,7 @@ class ChunkUploader:
             )
         if self.transfer.verify == "read-back":
             stored = self.store.get(ref.key)
-            if len(stored) != ref.size or blake3_hex(stored) != ref.hash:
+            if len(stored) != ref.size or crc32c_hex(stored) != ref.crc32c:
                 raise CorruptCheckpoint(f"{where}: read-back after upload does not match what was sent")
 
 
@@ -113,7 +117,7 @@ def write_checkpoint(
     tensors: list[torch.Tensor],
     metadata: dict[str, Any],
     transfer: TransferConfig,
-    known_chunks: set[str],
+    known_chunks: dict[str, ChunkRef],
     devices: list[str] | None = None,
 ) -> tuple[Manifest, WriteStats]:
     """Upload ``tensors`` (CPU, contiguous) as chunks, then commit the manifest named ``name``.
@@ -126,7 +130,8 @@ def write_checkpoint(
     for record, tensor in zip(records, tensors):
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
             raise ValueError(f"write_checkpoint needs host tensors; got one on {tensor.device}")
-    plan = plan_chunks(records, chunk_size=transfer.chunk_size, pack_threshold=transfer.pack_threshold)
+    plan = plan_chunks(records, chunk_size=transfer.chunk_size, pack_threshold=transfer.pack_threshold,
+                       pack_size=transfer.pack_size)
     views = [tensor_bytes(t) for t in tensors]
     uploader = ChunkUploader(store, transfer, known_chunks)
 
@@ -153,6 +158,7 @@ def write_checkpoint(
             for i, record in enumerate(records)
         ],
         chunks=chunks,
+        compression=transfer.compression,
         state=tree,
         **metadata,
     )

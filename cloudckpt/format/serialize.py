@@ -456,20 +456,26 @@ class ChunkPlan:
         return sum(piece.length for piece in self.chunks[index])
 
 
-def plan_chunks(records: Sequence[TensorRecord], *, chunk_size: int, pack_threshold: int) -> ChunkPlan:
+def plan_chunks(
+    records: Sequence[TensorRecord], *, chunk_size: int, pack_threshold: int, pack_size: int | None = None
+) -> ChunkPlan:
     """Cut a tensor table into chunks of at most ``chunk_size`` bytes, with stable boundaries.
 
     A tensor of ``nbytes >= pack_threshold`` gets chunks of its own, cut at
     multiples of ``chunk_size`` from its own start, so no other tensor can move
     its boundaries.  Smaller tensors are packed, in table order, into shared
-    chunks; a new pack starts when the next one would overflow ``chunk_size``.
-    Zero-byte tensors occupy no chunk.
+    chunks of at most ``pack_size`` bytes (``chunk_size`` when None); a new pack
+    starts when the next one would overflow.  Small packs keep a change to one
+    small tensor from dirtying much else.  Zero-byte tensors occupy no chunk.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if pack_threshold > chunk_size:
-        raise ValueError(f"pack_threshold ({pack_threshold}) must not exceed chunk_size ({chunk_size})")
-    planner = _Planner(len(records), chunk_size)
+    pack_size = chunk_size if pack_size is None else pack_size
+    if not pack_threshold <= pack_size <= chunk_size:
+        raise ValueError(
+            f"need pack_threshold ({pack_threshold}) <= pack_size ({pack_size}) <= chunk_size ({chunk_size})"
+        )
+    planner = _Planner(len(records), chunk_size, pack_size)
     for index, record in enumerate(records):
         if record.nbytes == 0:
             continue
@@ -481,9 +487,10 @@ def plan_chunks(records: Sequence[TensorRecord], *, chunk_size: int, pack_thresh
 
 
 class _Planner:
-    def __init__(self, count: int, chunk_size: int) -> None:
+    def __init__(self, count: int, chunk_size: int, pack_size: int) -> None:
         self.plan = ChunkPlan(chunks=[], segments=[[] for _ in range(count)])
         self._chunk_size = chunk_size
+        self._pack_size = pack_size
         self._fill: list[int] = []  # bytes placed in each chunk so far
         self._pack: int | None = None  # the pack chunk small tensors go to
 
@@ -494,7 +501,7 @@ class _Planner:
 
     def pack(self, index: int, nbytes: int) -> None:
         """Append a whole small tensor to the open pack, opening a new one if it would overflow."""
-        if self._pack is None or self._fill[self._pack] + nbytes > self._chunk_size:
+        if self._pack is None or self._fill[self._pack] + nbytes > self._pack_size:
             self._pack = self._new_chunk()
         self._place(self._pack, index, 0, nbytes)
 

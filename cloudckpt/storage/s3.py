@@ -1,0 +1,585 @@
+"""Amazon S3 (and S3-compatible stores) through boto3.
+
+* Conditional writes are S3's own: ``create`` sends ``If-None-Match: *`` and
+  ``IfMatch(etag)`` sends ``If-Match``, on PutObject and on
+  CompleteMultipartUpload, so the store decides atomically.
+* Every upload carries a precomputed CRC32C that S3 checks before it stores
+  the bytes; multipart uploads ask for a full-object CRC32C.
+* Tokens are ETags exactly as S3 returns them, quotes included.
+* botocore's own retries are off (one attempt per call): transient failures
+  surface as :class:`~cloudckpt.errors.TransientError` for
+  :class:`~cloudckpt.storage.retry.RetryingStorage` to retry.
+* Every SDK error is translated by :func:`translate_error` into the cloudckpt
+  error tree, naming the operation, the object and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    CredentialRetrievalError,
+    EndpointConnectionError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ProfileNotFound,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+
+from ..errors import (
+    AlreadyExists,
+    CloudCkptError,
+    NotFound,
+    PermissionDenied,
+    PreconditionFailed,
+    TransientError,
+)
+from ..hashing import crc32c_b64, crc32c_hex, crc32c_hex_from_b64
+from .base import (
+    Buffer,
+    IfMatch,
+    MultipartUpload,
+    ObjectInfo,
+    PendingUpload,
+    PutMode,
+    Storage,
+    check_key,
+    check_prefix,
+    check_range,
+)
+from .lifecycle import EXPIRED_TAG_KEY, EXPIRED_TAG_VALUE
+
+__all__ = ["S3Storage", "translate_error"]
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+MIN_PART_SIZE = 5 * MiB
+MAX_PART_SIZE = 5 * GiB
+MAX_PARTS = 10_000
+DELETE_BATCH = 1000
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 60
+
+_NETWORK_ERRORS = (
+    EndpointConnectionError,
+    ConnectionClosedError,
+    ReadTimeoutError,
+    ConnectTimeoutError,
+    ResponseStreamingError,
+    IncompleteReadError,
+)
+_CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, ProfileNotFound)
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+_PERMISSION_CODES = frozenset({
+    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "RequestTimeTooSkewed", "403",
+})
+_TRANSIENT_CODES = frozenset({
+    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
+    "ThrottlingException", "TooManyRequests", "RequestLimitExceeded", "BadDigest",
+    "ConditionalRequestConflict", "OperationAborted", "500", "502", "503", "504",
+})
+_TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+_CREDENTIALS_HINT = (
+    "check the credentials in use (AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+    "AWS_SESSION_TOKEN, the instance or pod role): are they valid, unexpired, for the right "
+    "account, and does the IAM and bucket policy allow this action?"
+)
+
+
+# -- error translation ---------------------------------------------------------
+@dataclass(frozen=True)
+class _Call:
+    """What was being done when an error happened: enough to write a useful message."""
+
+    op: str
+    bucket: str
+    key: str | None = None
+    mode: PutMode | None = None
+
+    @property
+    def target(self) -> str:
+        return f"s3://{self.bucket}/{self.key}" if self.key is not None else f"s3://{self.bucket}"
+
+
+def translate_error(exc: BaseException, op: str, bucket: str, key: str | None = None,
+                    mode: PutMode | None = None) -> CloudCkptError:
+    """Map a boto3/botocore exception to the cloudckpt error tree.
+
+    ``op`` names the operation, ``key`` the full object key (with the store
+    prefix), and ``mode`` the write mode of a conditional write, which decides
+    whether an HTTP 412 means AlreadyExists or PreconditionFailed.
+    """
+    call = _Call(op, bucket, key, mode)
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return _error_for_code(str(error.get("Code", "")), status, str(error.get("Message", "")), call)
+    if isinstance(exc, _NETWORK_ERRORS):
+        return TransientError(
+            f"{op} {call.target} failed in transit ({type(exc).__name__}: {exc}); "
+            "it may succeed if tried again"
+        )
+    if isinstance(exc, _CREDENTIAL_ERRORS):
+        return PermissionDenied(f"{op} {call.target}: no usable AWS credentials ({exc}); {_CREDENTIALS_HINT}")
+    return CloudCkptError(f"{op} {call.target} failed: {type(exc).__name__}: {exc}")
+
+
+def _error_for_code(code: str, status: int | None, message: str, call: _Call) -> CloudCkptError:
+    """The error for one S3 error code (from an exception or a DeleteObjects entry)."""
+    what = f"{call.op} {call.target}"
+    detail = f"({code or status}: {message})" if message else f"({code or status})"
+    if status == 412 or code == "PreconditionFailed":
+        return _precondition_error(call, detail)
+    if code == "NoSuchKey" and isinstance(call.mode, IfMatch):
+        return PreconditionFailed(
+            f"{what} refused: the object no longer exists, so it cannot match token "
+            f"{call.mode.token!r} {detail}; re-read it and retry"
+        )
+    if code == "NoSuchBucket":
+        return NotFound(
+            f"{what}: bucket {call.bucket!r} does not exist {detail}; check the bucket name, "
+            "and the region or endpoint_url the store was opened with"
+        )
+    if code == "NoSuchUpload":
+        return NotFound(f"{what}: the multipart upload was aborted or already completed {detail}")
+    if code in _NOT_FOUND_CODES or status == 404:
+        return NotFound(
+            f"{what}: no such object {detail}; if nothing at all is found, check that bucket "
+            f"{call.bucket!r} exists at this endpoint"
+        )
+    if code in _PERMISSION_CODES or status in (401, 403):
+        return PermissionDenied(f"{what}: access denied {detail}; {_CREDENTIALS_HINT}")
+    if code in _TRANSIENT_CODES or status in _TRANSIENT_STATUSES:
+        return TransientError(f"{what} failed {detail}; S3 reports a temporary condition, retry with backoff")
+    return CloudCkptError(f"{what} failed {detail}")
+
+
+def _precondition_error(call: _Call, detail: str) -> CloudCkptError:
+    what = f"{call.op} {call.target}"
+    if call.mode == "create":
+        return AlreadyExists(f"{what} refused: the key already exists (create-only write) {detail}")
+    if isinstance(call.mode, IfMatch):
+        return PreconditionFailed(
+            f"{what} refused: the object changed since token {call.mode.token!r} was read "
+            f"{detail}; re-read it and retry"
+        )
+    return PreconditionFailed(f"{what} refused: a precondition did not hold {detail}")
+
+
+# -- helpers -------------------------------------------------------------------
+def _condition_args(mode: PutMode) -> dict[str, str]:
+    """The request parameters that make S3 enforce ``mode``."""
+    if mode == "overwrite":
+        return {}
+    if mode == "create":
+        return {"IfNoneMatch": "*"}
+    if isinstance(mode, IfMatch):
+        return {"IfMatch": mode.token}
+    raise ValueError(f"unknown put mode {mode!r}; use 'overwrite', 'create' or IfMatch(token)")
+
+
+def _full_object_crc32c(response: dict[str, Any]) -> str | None:
+    """The object's CRC32C (hex) if S3 reported one covering the whole object."""
+    value = response.get("ChecksumCRC32C")
+    if not value or "-" in value or response.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+        return None
+    return crc32c_hex_from_b64(value)
+
+
+class _BufferReader(io.RawIOBase):
+    """A seekable read-only file over a buffer, so botocore sends a memoryview without copying it whole."""
+
+    def __init__(self, data: Buffer) -> None:
+        super().__init__()
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
+        chunk = bytes(self._view[self._pos:end])
+        self._pos = max(self._pos, end)
+        return chunk
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self.read(len(memoryview(buffer)))
+        memoryview(buffer).cast("B")[: len(chunk)] = chunk
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _body(data: Buffer) -> bytes | bytearray | _BufferReader:
+    """A request body botocore accepts, without copying ``data``."""
+    return data if isinstance(data, (bytes, bytearray)) else _BufferReader(data)
+
+
+def _make_client(endpoint_url: str | None, region: str | None, profile: str | None,
+                 max_pool_connections: int) -> Any:
+    session = boto3.session.Session(profile_name=profile)
+    config = Config(
+        retries={"mode": "standard", "total_max_attempts": 1},
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=READ_TIMEOUT_S,
+        max_pool_connections=max_pool_connections,
+    )
+    return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+
+# -- the store -----------------------------------------------------------------
+class S3Storage(Storage):
+    """Objects under ``s3://bucket/prefix/``; one thread-safe boto3 client, reused by every call.
+
+    Credentials come from the standard chain (environment, ``profile``, the
+    instance or pod role).  ``endpoint_url`` points at an S3-compatible store
+    (MinIO, moto, R2, ...).  Pass ``client`` to use a ready boto3 S3 client
+    instead; the store then leaves closing it to the caller.
+    """
+
+    min_part_size = MIN_PART_SIZE
+    supports_conditional_writes = True
+    #: Larger sources are copied part by part (CopyObject's own limit is 5 GiB).
+    max_copy_object_size = 5 * GiB
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        part_size: int = 16 * MiB,
+        max_pool_connections: int = 32,
+        client: Any = None,
+    ) -> None:
+        if not bucket or "/" in bucket:
+            raise ValueError(f"invalid S3 bucket name {bucket!r}")
+        if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
+            raise ValueError(f"part_size must be between 5 MiB and 5 GiB, got {part_size}")
+        prefix = prefix.strip("/")
+        if prefix:
+            check_key(prefix)
+        self.bucket = bucket
+        self.prefix = prefix
+        self.url = f"s3://{bucket}/{prefix}"
+        self.default_part_size = part_size
+        self._root = f"{prefix}/" if prefix else ""
+        self._owns_client = client is None
+        if client is None:
+            with self._translated("connect to", None):
+                client = _make_client(endpoint_url, region, profile, max_pool_connections)
+        self._client = client
+
+    # -- helpers ---------------------------------------------------------------
+    def _full(self, key: str) -> str:
+        return self._root + check_key(key)
+
+    @contextlib.contextmanager
+    def _translated(self, op: str, full_key: str | None, mode: PutMode | None = None) -> Iterator[None]:
+        """Re-raise SDK errors from the block as cloudckpt errors, chained to the original."""
+        try:
+            yield
+        except (ClientError, BotoCoreError) as exc:
+            raise translate_error(exc, op, self.bucket, full_key, mode) from exc
+
+    # -- Storage ---------------------------------------------------------------
+    def put(self, key: str, data: Buffer, mode: PutMode = "overwrite") -> ObjectInfo:
+        """Store ``data`` with S3 checking its CRC32C; ``mode`` is enforced by S3 itself."""
+        full = self._full(key)
+        conditions = _condition_args(mode)
+        size = memoryview(data).nbytes
+        crc = crc32c_b64(data)
+        with self._translated("put", full, mode):
+            response = self._client.put_object(
+                Bucket=self.bucket, Key=full, Body=_body(data),
+                ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc, **conditions,
+            )
+        return ObjectInfo(key=key, size=size, token=response["ETag"], crc32c=crc32c_hex_from_b64(crc))
+
+    def get(self, key: str, range: tuple[int, int] | None = None) -> bytes:
+        """Return the object, or bytes ``[start, end)`` of it (fewer if it ends sooner)."""
+        full = self._full(key)
+        check_range(key, range)
+        if range is not None and range[0] == range[1]:
+            return b""
+        extra = {"Range": f"bytes={range[0]}-{range[1] - 1}"} if range else {}
+        with self._translated("get", full):
+            try:
+                response = self._client.get_object(Bucket=self.bucket, Key=full, **extra)
+            except ClientError as exc:
+                if range and _is_unsatisfiable_range(exc):
+                    return b""
+                raise
+            with contextlib.closing(response["Body"]) as body:
+                return body.read()
+
+    def head(self, key: str) -> ObjectInfo:
+        """The object's size, ETag, modification time and (when S3 has one) full-object CRC32C."""
+        full = self._full(key)
+        with self._translated("head", full):
+            response = self._client.head_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED")
+        return ObjectInfo(
+            key=key,
+            size=response["ContentLength"],
+            token=response["ETag"],
+            last_modified=response.get("LastModified"),
+            crc32c=_full_object_crc32c(response),
+        )
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object under ``prefix`` (all pages of ListObjectsV2), sorted by key."""
+        check_prefix(prefix)
+        infos: list[ObjectInfo] = []
+        with self._translated("list", self._root + prefix):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._root + prefix
+            )
+            for page in pages:
+                infos.extend(
+                    ObjectInfo(
+                        key=item["Key"][len(self._root):],
+                        size=item["Size"],
+                        token=item["ETag"],
+                        last_modified=item.get("LastModified"),
+                    )
+                    for item in page.get("Contents", [])
+                )
+        return sorted(infos, key=lambda info: info.key)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        """Delete ``keys`` with DeleteObjects, 1000 per request; missing keys are ignored."""
+        full_keys = [self._full(key) for key in keys]
+        for start in range(0, len(full_keys), DELETE_BATCH):
+            self._delete_batch(full_keys[start:start + DELETE_BATCH])
+
+    def _delete_batch(self, full_keys: list[str]) -> None:
+        with self._translated(f"delete of {len(full_keys)} keys under", self._root):
+            response = self._client.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": key} for key in full_keys], "Quiet": True},
+            )
+        errors = [e for e in response.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+        if errors:
+            first = errors[0]
+            more = f" (and {len(errors) - 1} more keys failed)" if len(errors) > 1 else ""
+            error = _error_for_code(
+                str(first.get("Code", "")), None, str(first.get("Message", "")) + more,
+                _Call("delete", self.bucket, first.get("Key")),
+            )
+            raise error
+
+    def copy(self, src: str, dst: str) -> ObjectInfo:
+        """Copy server-side (CopyObject, or a multipart copy for sources over 5 GiB)."""
+        source = self.head(src)
+        full_src, full_dst = self._full(src), self._full(dst)
+        copy_source = {"Bucket": self.bucket, "Key": full_src}
+        with self._translated(f"copy of s3://{self.bucket}/{full_src} to", full_dst):
+            if source.size > self.max_copy_object_size:
+                return self._managed_copy(copy_source, dst, full_dst)
+            response = self._client.copy_object(
+                Bucket=self.bucket, Key=full_dst, CopySource=copy_source, ChecksumAlgorithm="CRC32C"
+            )
+        result = response["CopyObjectResult"]
+        return ObjectInfo(
+            key=dst,
+            size=source.size,
+            token=result["ETag"],
+            last_modified=result.get("LastModified"),
+            crc32c=source.crc32c,
+        )
+
+    def _managed_copy(self, copy_source: dict[str, str], dst: str, full_dst: str) -> ObjectInfo:
+        config = TransferConfig(
+            multipart_threshold=self.max_copy_object_size,
+            multipart_chunksize=self.default_part_size,
+            max_concurrency=8,
+        )
+        self._client.copy(copy_source, self.bucket, full_dst,
+                          ExtraArgs={"ChecksumAlgorithm": "CRC32C"}, Config=config)
+        return self.head(dst)
+
+    def multipart(self, key: str, mode: PutMode = "overwrite") -> MultipartUpload:
+        """Start a multipart upload with full-object CRC32C; ``mode`` is enforced on complete."""
+        full = self._full(key)
+        _condition_args(mode)
+        with self._translated("start multipart upload of", full):
+            response = self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=full, ChecksumAlgorithm="CRC32C", ChecksumType="FULL_OBJECT"
+            )
+        log.debug("started multipart upload %s of %s", response["UploadId"], full)
+        return _S3Upload(self, key, full, mode, response["UploadId"])
+
+    def mark_expired(self, keys: Iterable[str]) -> None:
+        """Tag each object ``cloudckpt-expired=true`` for a lifecycle rule; missing keys are skipped."""
+        tagging = {"TagSet": [{"Key": EXPIRED_TAG_KEY, "Value": EXPIRED_TAG_VALUE}]}
+        for key in keys:
+            full = self._full(key)
+            try:
+                with self._translated("tag as expired", full):
+                    self._client.put_object_tagging(Bucket=self.bucket, Key=full, Tagging=tagging)
+            except NotFound:
+                log.debug("mark_expired: %s is already gone", full)
+
+    def list_pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        """Multipart uploads under ``prefix`` never completed or aborted (all pages), sorted."""
+        check_prefix(prefix)
+        pending: list[PendingUpload] = []
+        with self._translated("list multipart uploads under", self._root + prefix):
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self._root + prefix
+            )
+            for page in pages:
+                pending.extend(
+                    PendingUpload(item["Key"][len(self._root):], item["UploadId"], item.get("Initiated"))
+                    for item in page.get("Uploads", [])
+                )
+        return sorted(pending, key=lambda p: (p.key, p.upload_id))
+
+    def abort_pending_upload(self, pending: PendingUpload) -> None:
+        """Abort one upload found by :meth:`list_pending_uploads`; already gone is fine."""
+        self._abort(self._full(pending.key), pending.upload_id)
+
+    def _abort(self, full_key: str, upload_id: str) -> None:
+        try:
+            with self._translated("abort multipart upload of", full_key):
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
+        except NotFound:
+            log.debug("multipart upload %s of %s was already gone", upload_id, full_key)
+
+    def close(self) -> None:
+        """Close the connection pool of the client this store created."""
+        if self._owns_client:
+            self._client.close()
+
+
+def _is_unsatisfiable_range(exc: ClientError) -> bool:
+    """Whether S3 refused a range because it starts at or past the end of the object (HTTP 416)."""
+    return (
+        exc.response.get("Error", {}).get("Code") == "InvalidRange"
+        or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 416
+    )
+
+
+@dataclass(frozen=True)
+class _Part:
+    etag: str
+    crc32c: str
+    size: int
+
+
+class _S3Upload(MultipartUpload):
+    """One S3 multipart upload; parts may be sent from many threads at once."""
+
+    def __init__(self, store: S3Storage, key: str, full_key: str, mode: PutMode, upload_id: str) -> None:
+        self.key = key
+        self._store = store
+        self._full = full_key
+        self._mode = mode
+        self._upload_id = upload_id
+        self._parts: dict[int, _Part] = {}
+        self._lock = threading.Lock()
+
+    def upload_part(self, number: int, data: Buffer) -> None:
+        """Send part ``number`` with its CRC32C, which S3 verifies."""
+        if not 1 <= number <= MAX_PARTS:
+            raise ValueError(f"part numbers run from 1 to {MAX_PARTS}, got {number}")
+        crc = crc32c_b64(data)
+        with self._store._translated(f"upload part {number} of", self._full):
+            response = self._store._client.upload_part(
+                Bucket=self._store.bucket, Key=self._full, UploadId=self._upload_id, PartNumber=number,
+                Body=_body(data), ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc,
+            )
+        with self._lock:
+            self._parts[number] = _Part(response["ETag"], crc, memoryview(data).nbytes)
+
+    def complete(self) -> ObjectInfo:
+        """Assemble the parts, with S3 enforcing the mode; any non-transient failure aborts the upload.
+
+        A TransientError leaves the upload open so that ``complete`` can be
+        retried; the caller aborts it if it gives up.
+        """
+        try:
+            return self._complete()
+        except TransientError:
+            raise
+        except BaseException:
+            self.abort()
+            raise
+
+    def _complete(self) -> ObjectInfo:
+        if not self._parts:
+            self.upload_part(1, b"")
+        with self._lock:
+            parts = sorted(self._parts.items())
+        numbers = [number for number, _ in parts]
+        if numbers != list(range(1, len(numbers) + 1)):
+            raise ValueError(f"multipart upload of {self.key!r} has gaps in its parts: {numbers}")
+        self._check_if_match()
+        with self._store._translated("complete multipart upload of", self._full, self._mode):
+            response = self._store._client.complete_multipart_upload(
+                Bucket=self._store.bucket, Key=self._full, UploadId=self._upload_id,
+                MultipartUpload={"Parts": [
+                    {"PartNumber": number, "ETag": part.etag, "ChecksumCRC32C": part.crc32c}
+                    for number, part in parts
+                ]},
+                **_condition_args(self._mode),
+            )
+        log.debug("completed multipart upload %s of %s", self._upload_id, self._full)
+        return ObjectInfo(
+            key=self.key,
+            size=sum(part.size for _, part in parts),
+            token=response["ETag"],
+            crc32c=_full_object_crc32c(response),
+        )
+
+    def _check_if_match(self) -> None:
+        """Refuse early, with a HEAD, an IfMatch completion whose token is already stale.
+
+        S3 enforces If-Match on CompleteMultipartUpload atomically; some
+        S3-compatible stores (moto among them) ignore it there, and this check
+        is then the only (non-atomic) protection.
+        """
+        if not isinstance(self._mode, IfMatch):
+            return
+        try:
+            current = self._store.head(self.key).token
+        except NotFound:
+            current = None
+        if current is None or current.strip('"') != self._mode.token.strip('"'):
+            raise _precondition_error(
+                _Call("complete multipart upload of", self._store.bucket, self._full, self._mode),
+                f"(current ETag {current})",
+            )
+
+    def abort(self) -> None:
+        """Abort the upload so its parts stop being billed; safe to call twice."""
+        self._store._abort(self._full, self._upload_id)

@@ -95,11 +95,11 @@ def _tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.T
 
 
 def changed_params(model: nn.Module, fraction: float) -> list[nn.Parameter]:
-    """Parameters, taken from the last layer backwards, that add up to at most ``fraction`` of all."""
+    """Parameters (largest first) that add up to at most ``fraction`` of all parameters."""
     params = list(model.parameters())
     budget = fraction * sum(p.numel() for p in params)
     chosen = []
-    for p in reversed(params):
+    for p in sorted(params, key=lambda p: p.numel(), reverse=True):
         if p.numel() <= budget:
             chosen.append(p)
             budget -= p.numel()

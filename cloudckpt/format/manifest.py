@@ -142,7 +142,9 @@ class Manifest:
         return body
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.to_json(), indent=1, sort_keys=True, allow_nan=False).encode()
+        # Not sort_keys: the state tree keeps the order of the user's dicts (a module's
+        # state_dict order).  The checksum is over the canonical (sorted) form regardless.
+        return json.dumps(self.to_json(), indent=1, allow_nan=False).encode()
 
 
 def canonical_sha256(body: dict[str, Any]) -> str:

@@ -15,12 +15,14 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import logging
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -32,6 +34,7 @@ from botocore.exceptions import (
     ConnectTimeoutError,
     CredentialRetrievalError,
     EndpointConnectionError,
+    FlexibleChecksumError,
     IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
@@ -48,7 +51,7 @@ from ..errors import (
     PreconditionFailed,
     TransientError,
 )
-from ..hashing import crc32c_b64, crc32c_hex, crc32c_hex_from_b64
+from ..hashing import crc32c_b64, crc32c_hex_from_b64
 from .base import (
     Buffer,
     IfMatch,
@@ -83,6 +86,7 @@ _NETWORK_ERRORS = (
     ConnectTimeoutError,
     ResponseStreamingError,
     IncompleteReadError,
+    FlexibleChecksumError,  # a response body failed its checksum: corrupted on the wire
 )
 _CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, ProfileNotFound)
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
@@ -261,7 +265,8 @@ class S3Storage(Storage):
     Credentials come from the standard chain (environment, ``profile``, the
     instance or pod role).  ``endpoint_url`` points at an S3-compatible store
     (MinIO, moto, R2, ...).  Pass ``client`` to use a ready boto3 S3 client
-    instead; the store then leaves closing it to the caller.
+    instead (its own retry and timeout settings then apply, and closing it is
+    left to the caller).
     """
 
     min_part_size = MIN_PART_SIZE
@@ -381,7 +386,7 @@ class S3Storage(Storage):
         for start in range(0, len(full_keys), DELETE_BATCH):
             self._delete_batch(full_keys[start:start + DELETE_BATCH])
 
-    def _delete_batch(self, full_keys: list[str]) -> None:
+    def _delete_batch(self, full_keys: builtins.list[str]) -> None:
         with self._translated(f"delete of {len(full_keys)} keys under", self._root):
             response = self._client.delete_objects(
                 Bucket=self.bucket,
@@ -449,7 +454,7 @@ class S3Storage(Storage):
             except NotFound:
                 log.debug("mark_expired: %s is already gone", full)
 
-    def list_pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
+    def list_pending_uploads(self, prefix: str = "") -> builtins.list[PendingUpload]:
         """Multipart uploads under ``prefix`` never completed or aborted (all pages), sorted."""
         check_prefix(prefix)
         pending: list[PendingUpload] = []
@@ -532,8 +537,16 @@ class _S3Upload(MultipartUpload):
         except TransientError:
             raise
         except BaseException:
-            self.abort()
+            self._abort_after_failure()
             raise
+
+    def _abort_after_failure(self) -> None:
+        try:
+            self.abort()
+        except CloudCkptError as exc:
+            log.warning("could not abort multipart upload %s of %s after a failed complete "
+                        "(a bucket rule for incomplete uploads will remove it): %s",
+                        self._upload_id, self._full, exc)
 
     def _complete(self) -> ObjectInfo:
         if not self._parts:
@@ -577,7 +590,7 @@ class _S3Upload(MultipartUpload):
         if current is None or current.strip('"') != self._mode.token.strip('"'):
             raise _precondition_error(
                 _Call("complete multipart upload of", self._store.bucket, self._full, self._mode),
-                f"(current ETag {current})",
+                "(the object is missing)" if current is None else f"(its ETag is now {current})",
             )
 
     def abort(self) -> None:

@@ -546,6 +546,9 @@ def _forget(body: dict[str, Any], names: set[str]) -> dict[str, Any]:
     if isinstance(index, dict):
         for name in names:
             index.pop(name, None)
+    for metric, history in (body.get("best_history") or {}).items():
+        if isinstance(history, list):
+            body["best_history"][metric] = [h for h in history if not (isinstance(h, dict) and h.get("name") in names)]
     return body
 
 

@@ -12,6 +12,7 @@ is only written at the very end.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from concurrent.futures import Future
@@ -36,6 +37,18 @@ else:  # pragma: no cover - other Pythons
     import atexit
 
     atexit.register(_drain_at_exit)
+
+
+#: Nice value of background save threads (and the upload threads they start, which inherit it).
+BACKGROUND_NICENESS = 10
+
+
+def _yield_cpu_to_training() -> None:
+    """Lower this thread's scheduling priority (Linux: per thread), so training keeps its cores."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+    except (AttributeError, OSError):  # other platforms, or not permitted: run at normal priority
+        pass
 
 
 class SaveHandle(Generic[T]):
@@ -74,6 +87,7 @@ class BackgroundSaver:
         def run() -> None:
             if not future.set_running_or_notify_cancel():
                 return
+            _yield_cpu_to_training()
             try:
                 future.set_result(job())
             except BaseException as exc:  # surfaced on the caller's thread, never swallowed

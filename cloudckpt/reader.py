@@ -28,7 +28,12 @@ log = logging.getLogger(__name__)
 
 def load_manifest(store: Storage, name: str) -> Manifest:
     """Fetch and parse the manifest ``name``; NotFound if it does not exist."""
-    return parse_manifest(store.get(name), f"{store.url}/{name}")
+    where = f"{store.url}/{name}"
+    manifest = parse_manifest(store.get(name), where)
+    if manifest.name != name:
+        raise CorruptCheckpoint(f"{where}: the manifest calls itself {manifest.name!r}; "
+                                "a manifest must be stored under its own name")
+    return manifest
 
 
 @dataclass
@@ -129,6 +134,10 @@ def read_tensors(
     the others are new CPU tensors.  Returns index -> tensor.
     """
     wanted = set(range(len(manifest.tensors))) if only is None else only
+    unknown = sorted(i for i in wanted if not 0 <= i < len(manifest.tensors))
+    if unknown:
+        raise CorruptCheckpoint(f"{store.url}/{manifest.name}: the state tree refers to tensor {unknown[0]}, "
+                                f"but the manifest lists {len(manifest.tensors)} tensors")
     needed = sorted({seg.chunk_index for i in wanted for seg in manifest.tensors[i].segments})
     check_chunk_sizes(store, manifest, needed, transfer)
     records = {i: TensorRecord.from_json({"dtype": e.dtype, "shape": list(e.shape),

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from ..errors import CorruptCheckpoint, FormatVersionError
 from ..storage.lifecycle import CHUNK_PREFIX
+from .dtypes import TENSOR_DTYPES
 from .serialize import Segment
 
 FORMAT_NAME = "cloudckpt"
@@ -209,7 +210,7 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     if len(data) > MAX_MANIFEST_BYTES:
         raise CorruptCheckpoint(f"{where}: manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
     try:
-        body = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+        body = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise CorruptCheckpoint(f"{where}: manifest is not valid JSON ({exc}); it may be truncated") from exc
     if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
@@ -233,6 +234,14 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _finite_float(text: str) -> float:
+    # 1e999 parses as inf, which no writer produces and the canonical checksum JSON cannot hold.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
 
 
 def _validate(body: dict[str, Any], where: str) -> Manifest:
@@ -348,8 +357,13 @@ class _Validator:
             segments.append(segment)
         if covered != nbytes:
             raise self.fail(f"tensors[{index}]: segments cover {covered} of {nbytes} bytes")
+        dtype = self.string(raw, "dtype")
+        if dtype not in TENSOR_DTYPES:
+            raise self.fail(f"tensors[{index}]: unknown dtype {dtype[:40]!r}")
+        if nbytes != math.prod(shape) * TENSOR_DTYPES[dtype].itemsize:
+            raise self.fail(f"tensors[{index}]: {nbytes} bytes do not fit a {dtype} tensor of shape {shape}")
         return TensorEntry(
-            dtype=self.string(raw, "dtype"),
+            dtype=dtype,
             shape=tuple(shape),
             device=self.string(raw, "device"),
             nbytes=nbytes,

@@ -288,23 +288,37 @@ class CheckpointManager:
         return sorted(infos, key=lambda i: (i.step, i.created))
 
     def latest(self) -> CheckpointInfo | None:
-        """The newest committed checkpoint (the one ``restore()`` loads first), or None."""
-        candidates = self._candidates("latest")
-        return self._info(candidates[0]) if candidates else None
+        """The newest committed checkpoint whose manifest reads (where ``restore()`` starts), or None."""
+        return self._first_readable("latest")
 
     def best(self) -> CheckpointInfo | None:
-        """The best checkpoint by ``monitor``, or None."""
-        candidates = self._candidates("best")
-        return self._info(candidates[0]) if candidates else None
+        """The best checkpoint by ``monitor`` whose manifest reads, or None."""
+        return self._first_readable("best")
 
-    def _info(self, name: str) -> CheckpointInfo:
-        return CheckpointInfo.of(self._manifest(name))
+    def _first_readable(self, which: str) -> CheckpointInfo | None:
+        for name in self._candidates(which):
+            try:
+                return CheckpointInfo.of(self._manifest(name))
+            except _RESTORE_FAILURES as exc:
+                log.warning("skipping %s: %s", name, exc)
+        return None
 
     # -- restoring -------------------------------------------------------------
     def _candidates(self, which: Which) -> list[str]:
-        """Checkpoint names to try for ``which``, preferred first (fallbacks after)."""
+        """Checkpoint names to try for ``which``, preferred first (fallbacks after).
+
+        For ``"latest"`` the newest committed manifest wins, whatever ``latest.ckpt``
+        says: a writer that died between its commit and the pointer move left the
+        pointer one checkpoint behind.  The pointer breaks ties between equal steps,
+        and a pointed-to manifest that cannot be read comes first (so its error is
+        reported, then the next one is tried).  Other unreadable manifests come
+        last, so that when nothing else restores, their error is the one raised.
+        """
         if isinstance(which, int) and not isinstance(which, bool):
-            return [i.name for i in self.list() if i.step == which][-1:]
+            matches = [i.name for i in self.list() if i.step == which]
+            if not matches:
+                raise NotFound(f"{self.store.url}: no checkpoint at step {which}")
+            return matches[-1:]
         if which not in ("latest", "best"):
             return [check_manifest_name(which)]
         names = self._manifest_names()
@@ -316,20 +330,21 @@ class CheckpointManager:
         except CorruptCheckpoint as exc:
             log.warning("%s; falling back to listing", exc)
             pointer = None
-        ordered = self._ordered(names, which)
-        if pointer is not None and pointer.target in names:
-            ordered.remove(pointer.target) if pointer.target in ordered else None
-            ordered.insert(0, pointer.target)
-        elif pointer is not None:
+        if pointer is not None and pointer.target not in names:
             log.warning("%s names %s, which does not exist; falling back to listing", pointer_key, pointer.target)
-        return ordered
+            pointer = None
+        ordered = self._ordered(names, which, preferred=pointer.target if pointer else None)
+        if pointer is not None and pointer.target not in ordered:
+            ordered.insert(0, pointer.target)  # named by the pointer but unreadable: try it, fail, fall back
+        unreadable = [n for n in names if n not in ordered]
+        return ordered + (unreadable if which == "latest" else [])
 
     def _best_key(self) -> str:
         if self.monitor is None:
             raise ValueError("which='best' needs a monitor: CheckpointManager(..., monitor='val_loss')")
         return best_pointer_key(self.monitor)
 
-    def _ordered(self, names: list[str], which: str) -> list[str]:
+    def _ordered(self, names: list[str], which: str, preferred: str | None) -> list[str]:
         manifests = []
         for name in names:
             try:
@@ -337,7 +352,7 @@ class CheckpointManager:
             except _RESTORE_FAILURES as exc:
                 log.warning("cannot use %s: %s", name, exc)
         if which == "latest":
-            manifests.sort(key=lambda m: (m.step, m.created), reverse=True)
+            manifests.sort(key=lambda m: (m.step, m.name == preferred, m.created), reverse=True)
             return [m.name for m in manifests]
         scored = [m for m in manifests if m.metrics.get(self.monitor) is not None
                   and not math.isnan(m.metrics[self.monitor])]
@@ -347,7 +362,11 @@ class CheckpointManager:
                              if is_better(m.metrics[self.monitor], b.metrics[self.monitor], self.mode)),
                             len(best_first))
             best_first.insert(position, m)
-        return [m.name for m in best_first]
+        names_best_first = [m.name for m in best_first]
+        if preferred in names_best_first:
+            names_best_first.remove(preferred)
+            names_best_first.insert(0, preferred)
+        return names_best_first
 
     def restore(
         self,
@@ -495,7 +514,8 @@ class CheckpointManager:
 
     def pin(self, name: str, pinned: bool = True) -> None:
         """Pin (or, with ``pinned=False``, unpin) a checkpoint so that retention never removes it."""
-        self._manifest(check_manifest_name(name))
+        if pinned:
+            self._manifest(check_manifest_name(name))  # only existing checkpoints can be pinned
 
         def change(body: dict[str, Any]) -> dict[str, Any]:
             pins = set(body.get("pinned", [])) if isinstance(body.get("pinned"), list) else set()

@@ -3,8 +3,11 @@
 Sources of notice:
 
 * ``SIGTERM`` (Kubernetes eviction, GCE shutdown, ``docker stop``) and,
-  optionally, ``SIGUSR1`` (SLURM's ``--signal``).  Handlers only set a flag;
-  they chain to handlers installed before them and are removed on close.
+  optionally, ``SIGUSR1`` (SLURM's ``--signal``).  Handlers only set a flag
+  (no I/O, no lock they could deadlock on: the notice is logged by the next
+  reader); they chain to Python handlers installed before them (not to
+  ``default_int_handler``, which would raise KeyboardInterrupt mid-step) and
+  are removed on close.
 * The EC2 spot interruption notice (IMDSv2: a token ``PUT``, then
   ``GET /latest/meta-data/spot/instance-action``, 404 until a notice exists).
 * The GCE ``instance/preempted`` metadata key (``TRUE`` once preempted).
@@ -77,7 +80,10 @@ class PreemptionWatcher:
         self.clock = clock
         self.poll_interval = poll_interval
         self._notice: Notice | None = None
-        self._lock = threading.Lock()
+        self._logged = False
+        # Reentrant: a signal handler runs on the main thread between any two bytecodes, possibly
+        # while that thread is inside notify() or notice (a second signal, or a custom source).
+        self._lock = threading.RLock()
         self._stop = threading.Event()
         self._previous: dict[int, Any] = {}
         self._threads: list[threading.Thread] = []
@@ -94,10 +100,16 @@ class PreemptionWatcher:
         """Install signal handlers (main thread only) and start the metadata pollers."""
         if self._installed:
             return self
+        if self._signals and threading.current_thread() is not threading.main_thread():
+            raise ValueError(
+                "PreemptionWatcher.install() must run on the main thread to install signal handlers; "
+                "use PreemptionWatcher(signals=()) elsewhere (metadata pollers and notify() still work)"
+            )
         for signum in self._signals:
             self._previous[signum] = signal.signal(signum, self._on_signal)
+        self._stop = threading.Event()  # a fresh one: close() set the previous one
         for name, poll in self._pollers:
-            thread = threading.Thread(target=self._poll_loop, args=(name, poll), daemon=True,
+            thread = threading.Thread(target=self._poll_loop, args=(name, poll, self._stop), daemon=True,
                                       name=f"cloudckpt-{name}")
             thread.start()
             self._threads.append(thread)
@@ -128,7 +140,13 @@ class PreemptionWatcher:
     def notice(self) -> Notice | None:
         """The first notice received, or None."""
         with self._lock:
-            return self._notice
+            notice = self._notice
+            unlogged = notice is not None and not self._logged
+            if unlogged:
+                self._logged = True
+        if unlogged:  # a signal handler recorded it; log here, outside the handler
+            self._log(notice)
+        return notice
 
     @property
     def requested(self) -> bool:
@@ -140,31 +158,40 @@ class PreemptionWatcher:
         return self.deadline if notice is None else max(0.0, self.deadline - (self.clock() - notice.at))
 
     def notify(self, reason: str) -> None:
-        """Record a notice (what signal handlers and pollers call; usable by custom sources)."""
+        """Record a notice (what pollers call; usable by custom sources).  The first one wins."""
+        notice = self._record(reason, logged=True)
+        if notice is not None:
+            self._log(notice)
+
+    def _record(self, reason: str, *, logged: bool) -> Notice | None:
+        """Store the first notice; return it if this call stored it."""
+        notice = Notice(reason, self.clock())  # outside the lock: no calls while holding it
         with self._lock:
-            if self._notice is None:
-                self._notice = Notice(reason, self.clock())
-                first = True
-            else:
-                first = False
-        if first:
-            log.warning("preemption notice (%s): will checkpoint at the next step and exit", reason)
+            if self._notice is not None:
+                return None
+            self._notice = notice
+            self._logged = logged
+        return notice
+
+    def _log(self, notice: Notice) -> None:
+        log.warning("preemption notice (%s, %.2f s ago): will checkpoint at the next step and exit",
+                    notice.reason, max(0.0, self.clock() - notice.at))
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.notify(signal.Signals(signum).name)
+        self._record(signal.Signals(signum).name, logged=False)
         previous = self._previous.get(signum)
-        if callable(previous):
+        if callable(previous) and previous is not signal.default_int_handler:
             previous(signum, frame)
 
-    def _poll_loop(self, name: str, poll: Callable[[], bool]) -> None:
-        while not self._stop.is_set() and not self.requested:
+    def _poll_loop(self, name: str, poll: Callable[[], bool], stop: threading.Event) -> None:
+        while not stop.is_set() and not self.requested:
             try:
                 if poll():
                     self.notify(name)
                     return
             except Exception as exc:  # a metadata hiccup must never kill training
                 log.debug("%s poll failed: %s", name, exc)
-            self._stop.wait(self.poll_interval)
+            stop.wait(self.poll_interval)
 
 
 class _Ec2Poller:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 
 AWS_TEST_ENV = {
@@ -49,6 +50,12 @@ class FakeGCS:
         self._server = FakeGCSServer()
         self._server.start()
         self.endpoint_url = self._server.url
+        # The wrapper pipes the server's stderr and never reads it: once the pipe fills
+        # (one log line per request), every request hangs.  Keep it drained.
+        stream = self._server._process.stderr
+        threading.Thread(target=lambda: [None for _ in iter(lambda: stream.read(65536), b"")],
+                         name="fake-gcs-log", daemon=True).start()
+        self._log_drained = True
 
     def client(self):
         from google.auth.credentials import AnonymousCredentials

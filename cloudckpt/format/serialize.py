@@ -158,7 +158,8 @@ def _view_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
     pointer = tensor.untyped_storage().data_ptr()
     if pointer == 0:  # no memory (empty or meta): nothing to tie
         return None
-    return (pointer, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device)
+    return (pointer, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device,
+            tensor.is_conj(), tensor.is_neg())
 
 
 class _Flattener:

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as _dt
 import io
@@ -30,7 +31,7 @@ import re
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import google.auth.exceptions
 import requests
@@ -65,15 +66,12 @@ from .base import (
     check_prefix,
     check_range,
 )
+from .lifecycle import GCS_EXPIRED_FIELD as EXPIRED_CUSTOM_TIME_FIELD
 
 __all__ = ["EXPIRED_CUSTOM_TIME_FIELD", "GCSStorage", "translate_error"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-#: The object field :meth:`GCSStorage.mark_expired` sets to "now"; a bucket
-#: lifecycle rule with a ``daysSinceCustomTime`` condition deletes the objects.
-EXPIRED_CUSTOM_TIME_FIELD = "customTime"
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -205,7 +203,7 @@ def _generation_condition(mode: PutMode) -> int | None:
     if mode == "create":
         return 0
     if isinstance(mode, IfMatch):
-        if not mode.token.isdigit():
+        if not (mode.token.isascii() and mode.token.isdigit()):
             raise PreconditionFailed(
                 f"IfMatch token {mode.token!r} is not a GCS generation, so no object can match it"
             )
@@ -431,7 +429,10 @@ class GCSStorage(Storage):
         return _GCSUpload(self, key, name, mode, f"{self._uploads_root}{key}/{upload_id}/")
 
     def mark_expired(self, keys: Iterable[str]) -> None:
-        """Set each object's customTime to now for a ``daysSinceCustomTime`` lifecycle rule; missing keys are skipped."""
+        """Set each object's customTime (:data:`EXPIRED_CUSTOM_TIME_FIELD`) to now; missing keys are skipped.
+
+        A bucket lifecycle rule with a ``daysSinceCustomTime`` condition then deletes them.
+        """
         now = _dt.datetime.now(_dt.timezone.utc)
         _fan_out(lambda name: self._mark_expired(name, now), [self._name(key) for key in keys])
 
@@ -444,7 +445,7 @@ class GCSStorage(Storage):
         except NotFound:
             log.debug("mark_expired: %s is already gone", name)
 
-    def list_pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
+    def list_pending_uploads(self, prefix: str = "") -> builtins.list[PendingUpload]:
         """Multipart uploads of keys under ``prefix`` whose part objects are still stored.
 
         ``initiated`` is the creation time of the oldest part.
@@ -465,7 +466,7 @@ class GCSStorage(Storage):
         """Delete the objects directly in one upload's folder (parts and intermediate composes)."""
         _fan_out(self._delete_name, [blob.name for blob in self._list_blobs(group, delimiter="/")])
 
-    def _compose(self, sources: list[str], name: str, mode: PutMode) -> storage.Blob:
+    def _compose(self, sources: Sequence[str], name: str, mode: PutMode) -> storage.Blob:
         """Compose up to 32 objects into ``name``; GCS enforces ``mode`` on the destination."""
         target = self._bucket.blob(name)
         target.content_type = _CONTENT_TYPE
@@ -475,7 +476,7 @@ class GCSStorage(Storage):
                            retry=None, timeout=self._timeout)
         return target
 
-    def _compose_tree(self, sources: list[str], group: str, name: str, mode: PutMode) -> storage.Blob:
+    def _compose_tree(self, sources: Sequence[str], group: str, name: str, mode: PutMode) -> storage.Blob:
         """Compose any number of objects, in order, into ``name`` via intermediates in ``group``."""
         level = 0
         while len(sources) > COMPOSE_MAX_SOURCES:

@@ -94,6 +94,7 @@ _PERMISSION_CODES = frozenset({
     "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
     "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "RequestTimeTooSkewed", "403",
 })
+# BadDigest: the bytes S3 received fail the checksum we sent, i.e. they were damaged in transit.
 _TRANSIENT_CODES = frozenset({
     "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
     "ThrottlingException", "TooManyRequests", "RequestLimitExceeded", "BadDigest",
@@ -228,8 +229,9 @@ class _BufferReader(io.RawIOBase):
         return chunk
 
     def readinto(self, buffer: Any) -> int:
-        chunk = self.read(len(memoryview(buffer)))
-        memoryview(buffer).cast("B")[: len(chunk)] = chunk
+        target = memoryview(buffer).cast("B")
+        chunk = self.read(len(target))
+        target[: len(chunk)] = chunk
         return len(chunk)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:

@@ -5,7 +5,9 @@
 ``crash_before`` / ``crash_after`` raise :class:`~cloudckpt.errors.SimulatedCrash`
 (a ``BaseException``) before the call reaches the inner store, or after it took
 effect: the two moments a real process can die around a request.  ``transient``
-and ``permanent`` raise TransientError / PermissionDenied before the call.
+and ``permanent`` raise TransientError / PermissionDenied before the call;
+``lost_response`` lets the call take effect, then raises TransientError (the
+reply was lost in transit, so the caller cannot tell whether it happened).
 Every call is recorded in ``calls`` so a test can first count the calls of an
 operation, then crash at each one in turn.
 """
@@ -22,7 +24,7 @@ from ..errors import PermissionDenied, SimulatedCrash, TransientError
 from .base import Buffer, MultipartUpload, ObjectInfo, PendingUpload, PutMode, Storage
 
 T = TypeVar("T")
-FaultKind = Literal["transient", "permanent", "crash_before", "crash_after"]
+FaultKind = Literal["transient", "permanent", "crash_before", "crash_after", "lost_response"]
 VERBS = ("put", "get", "head", "list", "delete", "copy", "multipart",
          "upload_part", "complete", "abort", "mark_expired")
 
@@ -102,6 +104,8 @@ class FaultyStorage(Storage):
                 self.bytes_put += nbytes
         if fault is not None and fault.kind == "crash_after":
             raise SimulatedCrash(f"crash after {where}")
+        if fault is not None and fault.kind == "lost_response":
+            raise TransientError(f"injected lost response: {where} took effect")
         return result
 
     def put(self, key: str, data: Buffer, mode: PutMode = "overwrite") -> ObjectInfo:

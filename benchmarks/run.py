@@ -190,7 +190,6 @@ class Bench:
         pool.snapshot(tensors)
         floor = self.add("blocking", "floor: copy into pre-touched buffer", "s",
                          [timed(lambda: pool.snapshot(tensors)) for _ in range(reps)])
-        del pool
 
         mgr = cloudckpt.CheckpointManager(self.fresh_dir("async"), async_save=True, capture_rng=False)
         mgr.save(state, step=0)

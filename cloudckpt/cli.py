@@ -40,6 +40,7 @@ from .pointers import (
     best_pointer_key,
     compare_and_swap,
     is_pointer_key,
+    list_pointer_keys,
     read_pointer,
 )
 from .storage import Storage, open_storage
@@ -144,9 +145,8 @@ def _read_pointer_or_none(store: Storage, key: str) -> Pointer | None:
 
 def pointers_of(store: Storage) -> dict[str, Pointer]:
     """Every readable pointer object: key -> pointer."""
-    keys = [LATEST_POINTER] + [i.key for i in store.list(BEST_POINTER_PREFIX) if is_pointer_key(i.key)]
     found = {}
-    for key in keys:
+    for key in list_pointer_keys(store):
         pointer = _read_pointer_or_none(store, key)
         if pointer is not None:
             found[key] = pointer
@@ -209,7 +209,7 @@ def resolve(store: Storage, which: str | None, *, metric: str | None = None) -> 
 def _best_key(store: Storage, metric: str | None) -> str:
     if metric:
         return best_pointer_key(metric)
-    keys = [i.key for i in store.list(BEST_POINTER_PREFIX) if is_pointer_key(i.key)]
+    keys = list_pointer_keys(store)[1:]
     if len(keys) == 1:
         return keys[0]
     if not keys:

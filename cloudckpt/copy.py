@@ -38,16 +38,16 @@ from .format.manifest import (
     ChunkRef,
     Manifest,
     check_manifest_name,
-    is_manifest_name,
     parse_manifest,
 )
 from .pointers import (
-    BEST_POINTER_PREFIX,
     STATE_KEY,
     Pointer,
     advance_latest,
     best_pointer_key,
     is_pointer_key,
+    list_manifest_names,
+    list_pointer_keys,
     promote_best,
     read_pointer,
     update_json,
@@ -85,12 +85,7 @@ class CopyStats:
         self.bytes_skipped += other.bytes_skipped
 
 
-def manifest_names(store: Storage) -> list[str]:
-    """Names of the committed checkpoints (manifests) at the root of ``store``, pointers excluded."""
-    return [
-        info.key for info in store.list("")
-        if "/" not in info.key and is_manifest_name(info.key) and not is_pointer_key(info.key)
-    ]
+manifest_names = list_manifest_names
 
 
 class Copier:
@@ -263,11 +258,9 @@ class Copier:
         """metric -> mode of the best pointers at the destination, then at the source."""
         found: dict[str, str] = {}
         for store in (self.dst, self.src):
-            for info in store.list(BEST_POINTER_PREFIX):
-                if not is_pointer_key(info.key):
-                    continue
+            for key in list_pointer_keys(store)[1:]:
                 try:
-                    pointer = read_pointer(store, info.key)
+                    pointer = read_pointer(store, key)
                 except CorruptCheckpoint as exc:
                     log.warning("ignoring pointer: %s", exc)
                     continue

@@ -19,7 +19,6 @@ from .errors import CloudCkptError, CorruptCheckpoint, FormatVersionError, NotFo
 from .format.manifest import ChunkRef, Manifest, check_manifest_name
 from .format.serialize import StateDict, flatten, unflatten
 from .pointers import (
-    BEST_POINTER_PREFIX,
     LATEST_POINTER,
     STATE_KEY,
     Pointer,
@@ -27,6 +26,8 @@ from .pointers import (
     best_pointer_key,
     is_better,
     is_pointer_key,
+    list_manifest_names,
+    list_pointer_keys,
     promote_best,
     read_pointer,
     update_json,
@@ -246,10 +247,7 @@ class CheckpointManager:
 
     # -- listing ---------------------------------------------------------------
     def _manifest_names(self) -> list[str]:
-        return [
-            info.key for info in self.store.list("")
-            if "/" not in info.key and info.key.endswith(".ckpt") and not is_pointer_key(info.key)
-        ]
+        return list_manifest_names(self.store)
 
     def _manifest(self, name: str) -> Manifest:
         cached = self._manifests.get(name)
@@ -259,10 +257,7 @@ class CheckpointManager:
 
     def _pointers(self) -> dict[str, Pointer]:
         found: dict[str, Pointer] = {}
-        keys = [LATEST_POINTER] + [
-            i.key for i in self.store.list(BEST_POINTER_PREFIX) if is_pointer_key(i.key)
-        ]
-        for key in keys:
+        for key in list_pointer_keys(self.store):
             try:
                 pointer = read_pointer(self.store, key)
             except CorruptCheckpoint as exc:

@@ -42,6 +42,21 @@ def is_pointer_key(key: str) -> bool:
     return key == LATEST_POINTER or (key.startswith(BEST_POINTER_PREFIX) and key.endswith(".ckpt"))
 
 
+def list_manifest_names(store: Storage) -> list[str]:
+    """Names of the committed checkpoints at the root of ``store`` (one non-recursive listing)."""
+    return [
+        info.key for info in store.list("", recursive=False)
+        if is_manifest_name(info.key) and not is_pointer_key(info.key)
+    ]
+
+
+def list_pointer_keys(store: Storage) -> list[str]:
+    """``latest.ckpt`` (whether or not it exists) and every ``best_model_*.ckpt`` present."""
+    return [LATEST_POINTER] + [
+        info.key for info in store.list(BEST_POINTER_PREFIX, recursive=False) if is_pointer_key(info.key)
+    ]
+
+
 @dataclass(frozen=True)
 class Pointer:
     """What a pointer object says: the checkpoint it names and why."""

@@ -83,6 +83,11 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+def is_direct_child(key: str, prefix: str) -> bool:
+    """Whether ``key`` lies directly under ``prefix`` (no further ``/``)."""
+    return key.startswith(prefix) and "/" not in key[len(prefix):]
+
+
 def check_range(key: str, byte_range: tuple[int, int] | None) -> None:
     if byte_range is None:
         return
@@ -147,8 +152,13 @@ class Storage(abc.ABC):
         """Return the object's info; raise NotFound if it does not exist."""
 
     @abc.abstractmethod
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
-        """Every object whose key starts with ``prefix``, sorted by key."""
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, sorted by key.
+
+        With ``recursive=False`` only keys with no ``/`` after ``prefix`` (one
+        "directory" level; object stores list it with a delimiter, so the
+        chunks under ``chunks/`` are not paged through).
+        """
 
     @abc.abstractmethod
     def delete(self, keys: Iterable[str]) -> None:

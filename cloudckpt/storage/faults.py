@@ -117,8 +117,8 @@ class FaultyStorage(Storage):
     def head(self, key: str) -> ObjectInfo:
         return self._run("head", key, lambda: self.inner.head(key))
 
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
-        return self._run("list", prefix, lambda: self.inner.list(prefix))
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[ObjectInfo]:
+        return self._run("list", prefix, lambda: self.inner.list(prefix, recursive=recursive))
 
     def delete(self, keys: Iterable[str]) -> None:
         keys = list(keys)

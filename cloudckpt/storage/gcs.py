@@ -392,12 +392,12 @@ class GCSStorage(Storage):
             blob.reload(retry=None, timeout=self._timeout)
         return _object_info(key, blob)
 
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[ObjectInfo]:
         """Every object under ``prefix`` (all pages), sorted by key; multipart parts are hidden."""
         check_prefix(prefix)
         infos = [
             _object_info(blob.name[len(self._root):], blob)
-            for blob in self._list_blobs(self._root + prefix)
+            for blob in self._list_blobs(self._root + prefix, delimiter=None if recursive else "/")
             if not blob.name.startswith(self._uploads_root)
         ]
         return sorted(infos, key=lambda info: info.key)

@@ -180,13 +180,15 @@ class LocalStorage(Storage):
                 raise IsADirectoryError(path)
             return self._info(key, path)
 
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[ObjectInfo]:
         check_prefix(prefix)
         start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         found: list[ObjectInfo] = []
         for dirpath, dirnames, filenames in os.walk(start):
             here = Path(dirpath)
-            if here == self.root:
+            if not recursive:
+                dirnames[:] = []
+            elif here == self.root:
                 dirnames[:] = [d for d in dirnames if d != _UPLOADS_DIR]
             for name in filenames:
                 if _is_internal(name):

@@ -27,6 +27,7 @@ from .base import (
     check_key,
     check_prefix,
     check_range,
+    is_direct_child,
 )
 
 
@@ -107,10 +108,11 @@ class MemoryStorage(Storage):
                 raise NotFound(f"{self.url}: no object {key!r}")
             return self._info(key, obj)
 
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[ObjectInfo]:
         check_prefix(prefix)
         with self._lock:
-            items = [(k, o) for k, o in self._objects.items() if k.startswith(prefix)]
+            items = [(k, o) for k, o in self._objects.items()
+                     if k.startswith(prefix) and (recursive or is_direct_child(k, prefix))]
         return [self._info(k, o) for k, o in sorted(items, key=lambda item: item[0])]
 
     def delete(self, keys: Iterable[str]) -> None:

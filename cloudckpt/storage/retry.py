@@ -110,8 +110,8 @@ class RetryingStorage(Storage):
     def head(self, key: str) -> ObjectInfo:
         return self._call(f"head {key!r}", lambda: self.inner.head(key))
 
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
-        return self._call(f"list {prefix!r}", lambda: self.inner.list(prefix))
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[ObjectInfo]:
+        return self._call(f"list {prefix!r}", lambda: self.inner.list(prefix, recursive=recursive))
 
     def delete(self, keys: Iterable[str]) -> None:
         keys = list(keys)

@@ -362,13 +362,13 @@ class S3Storage(Storage):
             crc32c=_full_object_crc32c(response),
         )
 
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[ObjectInfo]:
         """Every object under ``prefix`` (all pages of ListObjectsV2), sorted by key."""
         check_prefix(prefix)
         infos: list[ObjectInfo] = []
         with self._translated("list", self._root + prefix):
             pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self._root + prefix
+                Bucket=self.bucket, Prefix=self._root + prefix, **({} if recursive else {"Delimiter": "/"})
             )
             for page in pages:
                 infos.extend(

@@ -7,7 +7,6 @@ caller's own tensors, which must keep their memory).
 
 from __future__ import annotations
 
-import pytest
 import torch
 from ckpt_util import (
     assert_same_tensor,

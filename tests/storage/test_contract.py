@@ -255,3 +255,11 @@ def test_unsafe_keys_are_refused(store, bad):
 def test_mark_expired_accepts_keys(store):
     store.put("chunks/old", b"x")
     store.mark_expired(["chunks/old"])
+
+
+def test_non_recursive_listing_stops_at_the_next_slash(store):
+    for key in ["a.ckpt", "b.ckpt", "chunks/aa/1", "chunks/ab/2", ".cloudckpt/state.json", "best_model_x.ckpt"]:
+        store.put(key, b"x")
+    assert [i.key for i in store.list("", recursive=False)] == ["a.ckpt", "b.ckpt", "best_model_x.ckpt"]
+    assert [i.key for i in store.list("best_", recursive=False)] == ["best_model_x.ckpt"]
+    assert [i.key for i in store.list("chunks/aa/", recursive=False)] == ["chunks/aa/1"]

@@ -9,64 +9,39 @@ import math
 import os
 import socket
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, MutableMapping
 
 import torch
 
 from . import __version__
-from .errors import CloudCkptError, CorruptCheckpoint, FormatVersionError, NotFound
+from .catalog import UNUSABLE, Catalog, CheckpointInfo, Which
+from .errors import CloudCkptError, CorruptCheckpoint, NotFound
 from .format.manifest import ChunkRef, Manifest, check_manifest_name
 from .format.serialize import StateDict, flatten, unflatten
+from .pipeline import BackgroundSaver, SaveHandle
 from .pointers import (
     LATEST_POINTER,
     STATE_KEY,
     Pointer,
     advance_latest,
     best_pointer_key,
-    is_better,
     is_pointer_key,
-    list_manifest_names,
-    list_pointer_keys,
     promote_best,
-    read_pointer,
     update_json,
 )
-from .reader import ReadStats, load_manifest, read_tensors, verify_chunks
+from .reader import ReadStats, read_tensors, verify_chunks
 from .restore import apply_state, match_destinations, select
 from .retention import RetentionContext, as_policy
+from .snapshot import HostBufferPool, Snapshot
 from .state import RNG_KEY, RNGState
 from .storage import Storage, open_storage
 from .sweeper import SweepConfig, Sweeper, SweepReport, referenced_chunks
 from .transfer import TransferConfig
-from .pipeline import BackgroundSaver, SaveHandle
-from .snapshot import HostBufferPool, Snapshot
-from .writer import WriteStats, host_copy, write_checkpoint
+from .writer import host_copy, write_checkpoint
 
 log = logging.getLogger(__name__)
 
-Which = str | int
-_RESTORE_FAILURES = (CorruptCheckpoint, FormatVersionError, NotFound)
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed checkpoint as listings show it."""
-
-    name: str
-    step: int
-    epoch: int | None
-    metrics: dict[str, float | None]
-    created: _dt.datetime
-    nbytes: int
-    reason: str
-    pointers: tuple[str, ...] = ()
-    stats: WriteStats | None = field(default=None, compare=False, repr=False)
-
-    @classmethod
-    def of(cls, manifest: Manifest, pointers: tuple[str, ...] = (), stats: WriteStats | None = None) -> "CheckpointInfo":
-        return cls(manifest.name, manifest.step, manifest.epoch, dict(manifest.metrics),
-                   manifest.created_at, manifest.nbytes, manifest.reason, pointers, stats)
+__all__ = ["CheckpointInfo", "CheckpointManager"]
 
 
 class CheckpointManager:
@@ -114,7 +89,7 @@ class CheckpointManager:
         self.allow_pickle = allow_pickle
         self.config = dict(config or {})
         self.top_k = top_k
-        self._manifests: dict[str, Manifest] = {}
+        self.catalog = Catalog(self.store)
         self._live_chunks: dict[str, ChunkRef] | None = None
         self._lock = threading.RLock()
         self._closed = False
@@ -192,15 +167,15 @@ class CheckpointManager:
     def _known_chunks(self) -> dict[str, ChunkRef]:
         if self._live_chunks is None:
             self._live_chunks = {}
-            for name in self._manifest_names():
+            for name in self.catalog.names():
                 try:
-                    self._remember(self._manifest(name))
-                except _RESTORE_FAILURES as exc:
+                    self._remember(self.catalog.manifest(name))
+                except UNUSABLE as exc:
                     log.warning("skipping %s for deduplication: %s", name, exc)
         return self._live_chunks
 
     def _remember(self, manifest: Manifest) -> None:
-        self._manifests[manifest.name] = manifest
+        self.catalog.remember(manifest)
         if self._live_chunks is not None:
             self._live_chunks.update((c.key, c) for c in manifest.chunks)
 
@@ -246,41 +221,10 @@ class CheckpointManager:
         return body
 
     # -- listing ---------------------------------------------------------------
-    def _manifest_names(self) -> list[str]:
-        return list_manifest_names(self.store)
-
-    def _manifest(self, name: str) -> Manifest:
-        cached = self._manifests.get(name)
-        if cached is None:
-            cached = self._manifests[name] = load_manifest(self.store, name)
-        return cached
-
-    def _pointers(self) -> dict[str, Pointer]:
-        found: dict[str, Pointer] = {}
-        for key in list_pointer_keys(self.store):
-            try:
-                pointer = read_pointer(self.store, key)
-            except CorruptCheckpoint as exc:
-                log.warning("ignoring pointer: %s", exc)
-                continue
-            if pointer is not None:
-                found[key] = pointer
-        return found
-
     def list(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, oldest step first, with the pointers that name it."""
         self._check_open()
-        pointers = self._pointers()
-        infos = []
-        for name in self._manifest_names():
-            try:
-                manifest = self._manifest(name)
-            except _RESTORE_FAILURES as exc:
-                log.warning("listing skips %s: %s", name, exc)
-                continue
-            named_by = tuple(sorted(k for k, p in pointers.items() if p.target == name))
-            infos.append(CheckpointInfo.of(manifest, named_by))
-        return sorted(infos, key=lambda i: (i.step, i.created))
+        return self.catalog.infos()
 
     def latest(self) -> CheckpointInfo | None:
         """The newest committed checkpoint whose manifest reads (where ``restore()`` starts), or None."""
@@ -290,79 +234,25 @@ class CheckpointManager:
         """The best checkpoint by ``monitor`` whose manifest reads, or None."""
         return self._first_readable("best")
 
+    def manifest(self, which: Which = "latest") -> Manifest:
+        """The parsed manifest of a checkpoint (a name, ``"latest"``, ``"best"`` or a step)."""
+        candidates = self._candidates(which)
+        if not candidates:
+            raise NotFound(f"{self.store.url}: no checkpoint")
+        return self.catalog.manifest(candidates[0])
+
     def _first_readable(self, which: str) -> CheckpointInfo | None:
         for name in self._candidates(which):
             try:
-                return CheckpointInfo.of(self._manifest(name))
-            except _RESTORE_FAILURES as exc:
+                return CheckpointInfo.of(self.catalog.manifest(name))
+            except UNUSABLE as exc:
                 log.warning("skipping %s: %s", name, exc)
         return None
 
-    # -- restoring -------------------------------------------------------------
     def _candidates(self, which: Which) -> list[str]:
-        """Checkpoint names to try for ``which``, preferred first (fallbacks after).
+        return self.catalog.candidates(which, monitor=self.monitor, mode=self.mode)
 
-        For ``"latest"`` the newest committed manifest wins, whatever ``latest.ckpt``
-        says: a writer that died between its commit and the pointer move left the
-        pointer one checkpoint behind.  The pointer breaks ties between equal steps,
-        and a pointed-to manifest that cannot be read comes first (so its error is
-        reported, then the next one is tried).  Other unreadable manifests come
-        last, so that when nothing else restores, their error is the one raised.
-        """
-        if isinstance(which, int) and not isinstance(which, bool):
-            matches = [i.name for i in self.list() if i.step == which]
-            if not matches:
-                raise NotFound(f"{self.store.url}: no checkpoint at step {which}")
-            return matches[-1:]
-        if which not in ("latest", "best"):
-            return [check_manifest_name(which)]
-        names = self._manifest_names()
-        if not names:
-            return []
-        pointer_key = LATEST_POINTER if which == "latest" else self._best_key()
-        try:
-            pointer = read_pointer(self.store, pointer_key)
-        except CorruptCheckpoint as exc:
-            log.warning("%s; falling back to listing", exc)
-            pointer = None
-        if pointer is not None and pointer.target not in names:
-            log.warning("%s names %s, which does not exist; falling back to listing", pointer_key, pointer.target)
-            pointer = None
-        ordered = self._ordered(names, which, preferred=pointer.target if pointer else None)
-        if pointer is not None and pointer.target not in ordered:
-            ordered.insert(0, pointer.target)  # named by the pointer but unreadable: try it, fail, fall back
-        unreadable = [n for n in names if n not in ordered]
-        return ordered + (unreadable if which == "latest" else [])
-
-    def _best_key(self) -> str:
-        if self.monitor is None:
-            raise ValueError("which='best' needs a monitor: CheckpointManager(..., monitor='val_loss')")
-        return best_pointer_key(self.monitor)
-
-    def _ordered(self, names: list[str], which: str, preferred: str | None) -> list[str]:
-        manifests = []
-        for name in names:
-            try:
-                manifests.append(self._manifest(name))
-            except _RESTORE_FAILURES as exc:
-                log.warning("cannot use %s: %s", name, exc)
-        if which == "latest":
-            manifests.sort(key=lambda m: (m.step, m.name == preferred, m.created), reverse=True)
-            return [m.name for m in manifests]
-        scored = [m for m in manifests if m.metrics.get(self.monitor) is not None
-                  and not math.isnan(m.metrics[self.monitor])]
-        best_first: list[Manifest] = []
-        for m in sorted(scored, key=lambda m: (m.step, m.created)):
-            position = next((k for k, b in enumerate(best_first)
-                             if is_better(m.metrics[self.monitor], b.metrics[self.monitor], self.mode)),
-                            len(best_first))
-            best_first.insert(position, m)
-        names_best_first = [m.name for m in best_first]
-        if preferred in names_best_first:
-            names_best_first.remove(preferred)
-            names_best_first.insert(0, preferred)
-        return names_best_first
-
+    # -- restoring -------------------------------------------------------------
     def restore(
         self,
         state: MutableMapping[str, Any],
@@ -387,12 +277,12 @@ class CheckpointManager:
         first_error: Exception | None = None
         for name in candidates:
             try:
-                manifest = self._manifest(name)
+                manifest = self.catalog.manifest(name)
                 self._restore_from(manifest, state, map_location, keys)
                 if name != candidates[0]:
                     log.warning("restored %s instead of %s", name, candidates[0])
                 return CheckpointInfo.of(manifest)
-            except _RESTORE_FAILURES as exc:
+            except UNUSABLE as exc:
                 if isinstance(exc, NotFound) and which not in ("latest", "best"):
                     raise NotFound(f"{self.store.url}/{name}: no such checkpoint") from exc
                 log.warning("cannot restore %s: %s", name, exc)
@@ -436,7 +326,7 @@ class CheckpointManager:
         candidates = self._candidates(which)
         if not candidates:
             raise NotFound(f"{self.store.url}: no checkpoint to load")
-        manifest = self._manifest(candidates[0])
+        manifest = self.catalog.manifest(candidates[0])
         tensors, _ = read_tensors(self.store, manifest, {}, self.transfer)
         if map_location is not None:
             tensors = {i: t.to(map_location) for i, t in tensors.items()}
@@ -452,8 +342,8 @@ class CheckpointManager:
         candidates = self._candidates(which)
         if not candidates:
             raise NotFound(f"{self.store.url}: no checkpoint to verify")
-        self._manifests.pop(candidates[0], None)
-        return verify_chunks(self.store, self._manifest(candidates[0]), self.transfer)
+        self.catalog.forget({candidates[0]})
+        return verify_chunks(self.store, self.catalog.manifest(candidates[0]), self.transfer)
 
     # -- retention -------------------------------------------------------------
     def prune(self, *, dry_run: bool = False) -> SweepReport:
@@ -473,8 +363,7 @@ class CheckpointManager:
             doomed = {i.name for i in infos if i.name not in keep}
             self.sweeper.remove_checkpoints(doomed, report)
             if doomed and not dry_run:
-                for name in doomed:
-                    self._manifests.pop(name, None)
+                self.catalog.forget(doomed)
                 update_json(self.store, STATE_KEY, lambda body: _forget(body, doomed))
             try:
                 self.sweeper.sweep_chunks(lambda: self._referenced(exclude=doomed), report)
@@ -486,12 +375,12 @@ class CheckpointManager:
 
     def _referenced(self, exclude: set[str]) -> set[str]:
         manifests = []
-        for name in self._manifest_names():
+        for name in self.catalog.names():
             if name in exclude:
                 continue
             try:
-                manifests.append(self._manifest(name))
-            except _RESTORE_FAILURES as exc:
+                manifests.append(self.catalog.manifest(name))
+            except UNUSABLE as exc:
                 raise _UnreadableManifest(
                     f"{self.store.url}/{name} cannot be read ({exc}); its chunks cannot be told apart "
                     "from garbage, so nothing is deleted until it is repaired or removed"
@@ -510,7 +399,7 @@ class CheckpointManager:
     def pin(self, name: str, pinned: bool = True) -> None:
         """Pin (or, with ``pinned=False``, unpin) a checkpoint so that retention never removes it."""
         if pinned:
-            self._manifest(check_manifest_name(name))  # only existing checkpoints can be pinned
+            self.catalog.manifest(check_manifest_name(name))  # only existing checkpoints can be pinned
 
         def change(body: dict[str, Any]) -> dict[str, Any]:
             pins = set(body.get("pinned", [])) if isinstance(body.get("pinned"), list) else set()

@@ -5,7 +5,7 @@ commit, and never removes what a pointer names.  Policies compose with ``|``
 (keep the union).  Any callable ``(list[CheckpointInfo]) -> set[str]`` is a
 policy too.
 
->>> from cloudckpt.manager import CheckpointInfo
+>>> from cloudckpt.catalog import CheckpointInfo
 >>> import datetime as dt
 >>> t = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 >>> infos = [CheckpointInfo(f"c{s}.ckpt", s, None, {"loss": 1 / s}, t, 0, "periodic") for s in range(1, 6)]
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:
-    from .manager import CheckpointInfo
+    from .catalog import CheckpointInfo
 
 Infos = Sequence["CheckpointInfo"]
 

@@ -77,7 +77,7 @@ def _check_consistent(inner: MemoryStorage, where: str) -> str:
     b_committed = B in names
 
     for name in names:  # every committed manifest is complete: chunks present, checksums good
-        manifest = mgr._manifest(name)
+        manifest = mgr.manifest(name)
         for chunk in manifest.chunks:
             assert inner.head(chunk.key).size == chunk.size, f"{where}: {name} misses {chunk.key}"
         mgr.verify(name)

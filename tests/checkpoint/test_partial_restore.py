@@ -57,12 +57,12 @@ def test_partial_restore_touches_only_the_named_key():
 
 
 def _model_tensor_indices(mgr: CheckpointManager) -> list[int]:
-    tree = mgr._manifest(mgr.latest().name).state["model"]["__state_dict__"]
+    tree = mgr.manifest(mgr.latest().name).state["model"]["__state_dict__"]
     return [node["__tensor__"] for node in tree.values()]
 
 
 def _chunks_of(mgr: CheckpointManager, index: int):
-    manifest = mgr._manifest(mgr.latest().name)
+    manifest = mgr.manifest(mgr.latest().name)
     return [manifest.chunks[s.chunk_index] for s in manifest.tensors[index].segments]
 
 

@@ -113,7 +113,7 @@ def test_several_chunks_and_packing_roundtrip(any_store):
     mgr = CheckpointManager(counted, transfer=SMALL, capture_rng=False)
     mgr.save(expected, step=3)
     assert counted.counts["multipart"] == 4  # the four full 64 KiB chunks of "big"
-    manifest = mgr._manifest("checkpoint_step_00000003.ckpt")
+    manifest = mgr.manifest("checkpoint_step_00000003.ckpt")
     # big: 5 chunks of its own, odd: 1, the 40 small ones + strided (~30 KiB): 1 packed chunk
     assert len(manifest.chunks) == 7
     assert max(c.size for c in manifest.chunks) <= 64 * KiB

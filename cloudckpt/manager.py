@@ -90,7 +90,6 @@ class CheckpointManager:
         self.config = dict(config or {})
         self.top_k = top_k
         self.catalog = Catalog(self.store)
-        self._live_chunks: dict[str, ChunkRef] | None = None
         self._lock = threading.RLock()
         self._closed = False
         self._saver = BackgroundSaver() if async_save else None
@@ -148,7 +147,7 @@ class CheckpointManager:
                 self.store, name=name, tree=tree, tensors=snapshot.tensors, metadata=metadata,
                 transfer=self.transfer, known_chunks=self._known_chunks(), devices=devices,
             )
-            self._remember(manifest)
+            self.catalog.remember(manifest)
             pointers = self._after_commit(manifest)
             if self.retention is not None:
                 self.prune()
@@ -165,19 +164,9 @@ class CheckpointManager:
         return {**state, RNG_KEY: RNGState()} if self.capture_rng else dict(state)
 
     def _known_chunks(self) -> dict[str, ChunkRef]:
-        if self._live_chunks is None:
-            self._live_chunks = {}
-            for name in self.catalog.names():
-                try:
-                    self._remember(self.catalog.manifest(name))
-                except UNUSABLE as exc:
-                    log.warning("skipping %s for deduplication: %s", name, exc)
-        return self._live_chunks
-
-    def _remember(self, manifest: Manifest) -> None:
-        self.catalog.remember(manifest)
-        if self._live_chunks is not None:
-            self._live_chunks.update((c.key, c) for c in manifest.chunks)
+        """Chunks of the checkpoints committed right now (listed afresh: another writer's
+        retention may have removed a checkpoint since the last save)."""
+        return {c.key: c for m in self.catalog.readable(self.catalog.names()) for c in m.chunks}
 
     def _after_commit(self, manifest: Manifest) -> tuple[str, ...]:
         moved = []
@@ -370,7 +359,6 @@ class CheckpointManager:
             except _UnreadableManifest as exc:
                 log.warning("chunks not swept: %s", exc)
             self.sweeper.abort_stale_uploads(report)
-            self._live_chunks = None
         return report
 
     def _referenced(self, exclude: set[str]) -> set[str]:

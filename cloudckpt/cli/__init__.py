@@ -1,0 +1,32 @@
+"""The ``cloudckpt`` command: inspect, verify, restore, promote, clean up and copy checkpoints.
+
+Every command takes a checkpoint ROOT: ``s3://bucket/prefix``, ``gs://bucket/prefix``,
+``file:///path`` or a plain path.  A final path component ending in ``.ckpt`` names one
+checkpoint in that root (``s3://b/run/checkpoint_step_00001200.ckpt``); commands that take
+one may instead get it as a separate NAME argument, which may also be ``latest``, ``best``,
+a pointer (``best_model_val_loss.ckpt``) or a step number.
+
+Exit status: 0 success, 1 failure (an error, a failed verification), 2 a usage mistake
+(bad URL, bad option).  Errors are one line on stderr; ``--debug`` shows tracebacks.
+"""
+
+from .app import EXIT_FAILURE, EXIT_USAGE, Failure, cli, main
+from .inspect import VerifyResult, ls_cmd, show_cmd, verify_checkpoint, verify_cmd
+from .manage import gc_cmd, promote_cmd
+from .render import (
+    emit_json,
+    human_age,
+    human_bytes,
+    parse_duration,
+    table,
+    tensor_paths,
+)
+from .targets import open_root, pointers_of, resolve, split_target
+from .transfer import cp_cmd, export_weights, restore_cmd
+
+__all__ = [
+    "EXIT_FAILURE", "EXIT_USAGE", "Failure", "VerifyResult", "cli", "cp_cmd", "emit_json", "export_weights",
+    "gc_cmd", "human_age", "human_bytes", "ls_cmd", "main", "open_root", "parse_duration", "pointers_of",
+    "promote_cmd", "resolve", "restore_cmd", "show_cmd", "split_target", "table", "tensor_paths",
+    "verify_checkpoint", "verify_cmd",
+]

@@ -60,7 +60,10 @@ def _state_of(trainer: Any) -> Mapping[str, Any]:
 class CheckpointCallback(Callback):
     """Saves checkpoints of a trainer on a schedule, tracks the best one, prunes the rest.
 
-    Triggers combine freely and a step is never saved twice:
+    Triggers combine freely and a step is never saved twice, with one exception:
+    when a step-based save falls on the last step of an epoch, the epoch-end save
+    that carries the validation metrics still happens (it shares every chunk with
+    the first, so it costs one manifest), so best-model tracking sees every epoch.
 
     * ``save_frequency``: every N epochs (at epoch end);
     * ``save_every_n_steps`` / ``save_every_seconds``: within epochs;
@@ -134,6 +137,7 @@ class CheckpointCallback(Callback):
         self.best_value: float | None = None
         self.resumed_from: CheckpointInfo | None = None
         self._last_saved_step: int | None = None
+        self._last_save_had_metrics = False
         self._last_save_time = clock()
 
     # -- hooks -------------------------------------------------------------------
@@ -220,7 +224,11 @@ class CheckpointCallback(Callback):
         reason = watcher.notice.reason
         step = _step_of(trainer)
         try:
-            self.manager.wait()  # a save in flight finishes first; the new one supersedes it
+            self.manager.wait(timeout=watcher.remaining())  # a save in flight finishes first
+        except TimeoutError:
+            log.error("the save in flight did not finish within the preemption deadline; "
+                      "exiting without a new checkpoint (the previous committed one stays valid)")
+            raise Preempted(reason) from None
         except Exception as exc:
             log.error("the save in flight at preemption failed: %s", exc)
         if step != self._last_saved_step:
@@ -251,6 +259,7 @@ class CheckpointCallback(Callback):
 
     def _note_saved(self, step: int, metrics: Mapping[str, float] | None) -> None:
         self._last_saved_step = step
+        self._last_save_had_metrics = bool(metrics)
         self._last_save_time = self.clock()
         if metrics and self._improves_quietly(metrics):
             self.best_value = float(metrics[self.monitor])
@@ -262,7 +271,7 @@ class CheckpointCallback(Callback):
     def _save(self, trainer: Any, *, reason: str, metrics: Mapping[str, float] | None, name: str,
               epoch: int | None = None, raise_errors: bool = False) -> CheckpointInfo | None:
         step = _step_of(trainer)
-        if step == self._last_saved_step:
+        if step == self._last_saved_step and (self._last_save_had_metrics or not metrics):
             log.debug("step %d already saved; skipping the %s save", step, reason)
             return None
         epoch = epoch if epoch is not None else _epoch_of(trainer)

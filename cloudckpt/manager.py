@@ -397,10 +397,18 @@ class CheckpointManager:
         update_json(self.store, STATE_KEY, change)
 
     # -- lifecycle -------------------------------------------------------------
-    def wait(self) -> None:
-        """Block until every save so far is committed; raise the error of one that failed."""
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every save so far is committed; raise the error of one that failed.
+
+        With ``timeout``, raise TimeoutError if the save in flight is not done by then.
+        """
         if self._saver is not None:
-            self._saver.wait()
+            self._saver.wait(timeout)
+
+    @property
+    def saving(self) -> bool:
+        """Whether an async save is still uploading in the background."""
+        return self._saver is not None and self._saver.busy
 
     def close(self) -> None:
         """Finish pending work (raising its error, if any) and release the store's connections."""

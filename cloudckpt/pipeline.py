@@ -16,6 +16,7 @@ import os
 import threading
 import weakref
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Generic, TypeVar
 
 log = logging.getLogger(__name__)
@@ -101,13 +102,18 @@ class BackgroundSaver:
         threading.Thread(target=run, name=f"cloudckpt-save-{name}", daemon=False).start()
         return SaveHandle(future, name)
 
-    def wait(self) -> None:
-        """Block until the in-flight job (if any) ends; raise the first unreported failure."""
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the in-flight job (if any) ends; raise the first unreported failure.
+
+        Raises TimeoutError if ``timeout`` seconds pass first (the job goes on).
+        """
         with self._lock:
             current = self._current
         if current is not None:
             try:
-                current.result()
+                current.result(timeout)
+            except FutureTimeout as exc:
+                raise TimeoutError(f"the save in flight did not finish within {timeout:.1f} s") from exc
             except BaseException:
                 pass
         with self._lock:

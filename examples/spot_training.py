@@ -92,8 +92,7 @@ class SelfPreempt(cloudckpt.Callback):
         if self.signal_time is not None or step != self.at:
             return
         manager = self.callback.manager if self.callback is not None else None
-        saver = getattr(manager, "_saver", None)  # only to report whether an upload is in flight
-        self.saving_at_signal = bool(saver is not None and saver.busy)
+        self.saving_at_signal = bool(manager is not None and manager.saving)
         self.signal_step = step
         self.signal_time = time.time()
         os.kill(os.getpid(), signal.SIGTERM)

@@ -184,7 +184,7 @@ class CheckpointCallback(Callback):
         if self.save_on_train_end:
             self._save(trainer, reason="final", metrics=None,
                        name=f"checkpoint_step_{_step_of(trainer):08d}.ckpt")
-        self.manager.wait()
+        self._settle_in_flight()
         if self.preemption is not None:
             self.preemption.close()
 
@@ -203,10 +203,13 @@ class CheckpointCallback(Callback):
 
     # -- explicit API --------------------------------------------------------------
     def save_checkpoint(self, trainer: Any, epoch: int | None = None,
-                        metrics: Mapping[str, float] | None = None, *, step: int | None = None) -> CheckpointInfo:
-        """Save now (reason ``manual``), whatever the schedule says; returns the committed info."""
+                        metrics: Mapping[str, float] | None = None, *, step: int | None = None,
+                        name: str | None = None) -> CheckpointInfo:
+        """Save now (reason ``manual``), whatever the schedule says; returns the committed info
+        (with ``async_save``, a handle whose ``result()`` is the info)."""
         step = _step_of(trainer) if step is None else step
-        name = f"checkpoint_epoch_{epoch:04d}.ckpt" if epoch is not None else f"checkpoint_step_{step:08d}.ckpt"
+        if name is None:
+            name = f"checkpoint_epoch_{epoch:04d}.ckpt" if epoch is not None else f"checkpoint_step_{step:08d}.ckpt"
         info = self.manager.save(_state_of(trainer), step=step, epoch=epoch, metrics=metrics,
                                  reason="manual", name=name)
         self._note_saved(step, metrics)
@@ -275,6 +278,7 @@ class CheckpointCallback(Callback):
             log.debug("step %d already saved; skipping the %s save", step, reason)
             return None
         epoch = epoch if epoch is not None else _epoch_of(trainer)
+        self._settle_in_flight(raise_errors)
         try:
             info = self.manager.save(_state_of(trainer), step=step, epoch=epoch, metrics=metrics,
                                      reason=reason, name=name)
@@ -285,3 +289,12 @@ class CheckpointCallback(Callback):
             return None
         self._note_saved(step, metrics)
         return info
+
+    def _settle_in_flight(self, raise_errors: bool = False) -> None:
+        """Wait for an async save in flight, so that its failure is reported as its own."""
+        try:
+            self.manager.wait()
+        except Exception as exc:
+            if self.on_save_error == "raise" or raise_errors:
+                raise
+            log.warning("a background checkpoint failed, training continues: %s", exc)

@@ -31,7 +31,7 @@ from .pointers import (
 )
 from .reader import ReadStats, read_tensors, verify_chunks
 from .restore import apply_state, match_destinations, select
-from .retention import RetentionContext, as_policy
+from .retention import RetentionContext, as_policy, best_first
 from .snapshot import HostBufferPool, Snapshot
 from .state import RNG_KEY, RNGState
 from .storage import Storage, open_storage
@@ -188,7 +188,12 @@ class CheckpointManager:
         if value is None or math.isnan(value):
             log.warning("metric %r of %s is NaN; it cannot become the best", self.monitor, manifest.name)
             return False
-        return promote_best(self.store, Pointer(manifest.name, manifest.step, self.monitor, value, self.mode))
+        # The best of everything committed, not just this checkpoint: a writer that died between
+        # its commit and the pointer move left the pointer behind, and this repairs it.
+        committed = [CheckpointInfo.of(m) for m in self.catalog.readable(self.catalog.names())]
+        best = (best_first(committed, self.monitor, self.mode) or [CheckpointInfo.of(manifest)])[0]
+        value = best.metrics[self.monitor]
+        return promote_best(self.store, Pointer(best.name, best.step, self.monitor, value, self.mode))
 
     def _record(self, body: dict[str, Any], manifest: Manifest) -> dict[str, Any]:
         index = body.setdefault("checkpoints", {})

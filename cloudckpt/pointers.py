@@ -77,7 +77,7 @@ class Pointer:
     def from_bytes(cls, data: bytes, where: str) -> "Pointer":
         try:
             body = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise CorruptCheckpoint(f"{where}: pointer is not valid JSON") from exc
         if not isinstance(body, dict) or body.get("format") != POINTER_FORMAT:
             raise CorruptCheckpoint(f"{where}: not a cloudckpt pointer object")
@@ -204,7 +204,7 @@ def update_json(store: Storage, key: str, change: Callable[[dict[str, Any]], dic
             try:
                 loaded = json.loads(current)
                 body = loaded if isinstance(loaded, dict) else {}
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 log.warning("%s/%s is not valid JSON; rebuilding it", store.url, key)
         new = change(body)
         return None if new is None else json.dumps(new, sort_keys=True, indent=1).encode()

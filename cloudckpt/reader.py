@@ -74,6 +74,9 @@ class ChunkFetcher:
         step = self.transfer.range_size
         if ref.size <= step:
             return self.store.get(ref.key)
+        stored = self.store.head(ref.key).size  # before allocating what a (hostile) manifest declares
+        if stored != ref.size:
+            raise CorruptCheckpoint(f"{self.store.url}/{ref.key}: chunk has {stored} bytes, the manifest says {ref.size}")
         buffer = bytearray(ref.size)
 
         def fetch_range(start: int) -> None:

@@ -73,6 +73,7 @@ class Sweeper:
     def __init__(self, store: Storage, config: SweepConfig | None = None) -> None:
         self.store = store
         self.config = config or SweepConfig()
+        self._marked: set[str] = set()  # marked for lifecycle expiry by this process: not marked again
 
     def remove_checkpoints(self, names: Iterable[str], report: SweepReport) -> None:
         """Delete the manifests ``names`` (the checkpoints cease to exist; their chunks become garbage)."""
@@ -96,9 +97,10 @@ class Sweeper:
         now = self.config.clock()
         listed = self.store.list(CHUNK_PREFIX)
         referenced = live_chunks()
+        self._marked -= referenced  # re-uploaded since it was marked: a candidate again once unreferenced
         garbage = []
         for info in listed:
-            if info.key in referenced:
+            if info.key in referenced or info.key in self._marked:
                 continue
             if info.last_modified is not None and now - info.last_modified < self.config.grace:
                 report.chunks_too_young += 1
@@ -112,6 +114,7 @@ class Sweeper:
                 self.store.delete(keys)
             else:
                 self.store.mark_expired(keys)
+                self._marked.update(keys)
         if garbage:
             log.info("%s %d unreferenced chunks (%.1f MiB) under %s",
                      {"delete": "deleted", "lifecycle": "marked for expiry"}[self.config.cleanup]

@@ -263,9 +263,11 @@ def _validate(body: dict[str, Any], where: str) -> Manifest:
         raise CorruptCheckpoint(f"{where}: unknown reason {reason!r}")
     created = v.string(body, "created")
     try:
-        _dt.datetime.fromisoformat(created.replace("Z", "+00:00"))
+        created_at = _dt.datetime.fromisoformat(created.replace("Z", "+00:00"))
     except ValueError as exc:
         raise CorruptCheckpoint(f"{where}: 'created' is not an ISO timestamp: {created!r}") from exc
+    if created_at.utcoffset() is None:  # a naive time cannot be ordered against the others
+        raise CorruptCheckpoint(f"{where}: 'created' has no UTC offset: {created!r}")
     pickled = body.get("pickled", False)
     if not isinstance(pickled, bool):
         raise CorruptCheckpoint(f"{where}: 'pickled' must be a boolean")
@@ -329,7 +331,10 @@ class _Validator:
             raise self.fail(f"chunks[{index}]: key {key!r} does not match compression {compression!r}")
         if not _HEX64.match(content_hash) or not _HEX8.match(crc):
             raise self.fail(f"chunks[{index}]: malformed hash or crc32c")
-        return ChunkRef(key, content_hash, self.integer(raw, "size"), crc, self.integer(raw, "raw_size"))
+        size, raw_size = self.integer(raw, "size"), self.integer(raw, "raw_size")
+        if compression == "none" and raw_size != size:
+            raise self.fail(f"chunks[{index}]: raw_size {raw_size} differs from size {size} of an uncompressed chunk")
+        return ChunkRef(key, content_hash, size, crc, raw_size)
 
     def tensor(self, raw: Any, index: int, chunks: list[ChunkRef]) -> TensorEntry:
         if not isinstance(raw, dict):

@@ -26,7 +26,8 @@ from .base import Buffer, MultipartUpload, ObjectInfo, PendingUpload, PutMode, S
 T = TypeVar("T")
 FaultKind = Literal["transient", "permanent", "crash_before", "crash_after", "lost_response"]
 VERBS = ("put", "get", "head", "list", "delete", "copy", "multipart",
-         "upload_part", "complete", "abort", "mark_expired")
+         "upload_part", "complete", "abort", "mark_expired",
+         "list_pending_uploads", "abort_pending_upload")
 
 
 @dataclass
@@ -135,10 +136,10 @@ class FaultyStorage(Storage):
         self._run("mark_expired", keys[0] if keys else "", lambda: self.inner.mark_expired(keys))
 
     def list_pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
-        return self.inner.list_pending_uploads(prefix)
+        return self._run("list_pending_uploads", prefix, lambda: self.inner.list_pending_uploads(prefix))
 
     def abort_pending_upload(self, pending: PendingUpload) -> None:
-        self.inner.abort_pending_upload(pending)
+        self._run("abort_pending_upload", pending.key, lambda: self.inner.abort_pending_upload(pending))
 
     def close(self) -> None:
         self.inner.close()

@@ -95,14 +95,20 @@ class RetryingStorage(Storage):
         return self._call(f"put {key!r}", attempt)
 
     def _settled_by_earlier_attempt(self, key: str, data: Buffer) -> ObjectInfo | None:
+        """The stored object if it holds exactly ``data`` (an earlier attempt stored it), else None.
+
+        The check's own reads are retried; if they still fail, the TransientError propagates
+        and the put is tried (and checked) again: reporting AlreadyExists for what may be our
+        own write would fail a save whose checkpoint is in fact committed.
+        """
         try:
-            info = self.inner.head(key)
-            if info.size == len(memoryview(data).cast("B")) and self.inner.get(key) == bytes(data):
-                log.info("put %r: an earlier attempt that failed in transit had stored it", key)
-                return info
-        except (NotFound, TransientError):
-            pass
-        return None
+            info = self.head(key)
+            if info.size != len(memoryview(data).cast("B")) or self.get(key) != bytes(data):
+                return None
+        except NotFound:
+            return None
+        log.info("put %r: an earlier attempt that failed in transit had stored it", key)
+        return info
 
     def get(self, key: str, range: tuple[int, int] | None = None) -> bytes:
         return self._call(f"get {key!r}", lambda: self.inner.get(key, range))
@@ -122,7 +128,7 @@ class RetryingStorage(Storage):
 
     def multipart(self, key: str, mode: PutMode = "overwrite") -> MultipartUpload:
         upload = self._call(f"start multipart {key!r}", lambda: self.inner.multipart(key, mode))
-        return _RetryingUpload(upload, self)
+        return _RetryingUpload(upload, self, mode)
 
     def mark_expired(self, keys: Iterable[str]) -> None:
         keys = list(keys)
@@ -142,17 +148,44 @@ class RetryingStorage(Storage):
 
 
 class _RetryingUpload(MultipartUpload):
-    def __init__(self, inner: MultipartUpload, store: RetryingStorage) -> None:
+    def __init__(self, inner: MultipartUpload, store: RetryingStorage, mode: PutMode = "overwrite") -> None:
         self._inner = inner
         self._store = store
+        self._mode = mode
+        self._sizes: dict[int, int] = {}
         self.key = inner.key
 
     def upload_part(self, number: int, data: Buffer) -> None:
         self._store._call(f"upload part {number} of {self.key!r}", lambda: self._inner.upload_part(number, data))
+        self._sizes[number] = memoryview(data).nbytes
 
     def complete(self) -> ObjectInfo:
-        return self._store._call(f"complete multipart {self.key!r}", self._inner.complete)
+        attempts = 0
+
+        def attempt() -> ObjectInfo:
+            nonlocal attempts
+            attempts += 1
+            try:
+                return self._inner.complete()
+            except NotFound:
+                # The upload is gone: an earlier attempt that failed in transit may have completed it.
+                if attempts > 1 and self._mode == "overwrite":
+                    settled = self._completed_by_earlier_attempt()
+                    if settled is not None:
+                        return settled
+                raise
+
+        return self._store._call(f"complete multipart {self.key!r}", attempt)
+
+    def _completed_by_earlier_attempt(self) -> ObjectInfo | None:
+        try:
+            info = self._store.head(self.key)
+        except NotFound:
+            return None
+        if info.size != sum(self._sizes.values()):
+            return None
+        log.info("complete multipart %r: an earlier attempt that failed in transit had completed it", self.key)
+        return info
 
     def abort(self) -> None:
         self._store._call(f"abort multipart {self.key!r}", self._inner.abort)
-

@@ -41,7 +41,6 @@ import logging
 import os
 import socket
 from collections.abc import Iterable, Mapping, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -50,15 +49,13 @@ import torch.distributed as dist
 
 from . import __version__
 from .errors import (
-    AlreadyExists,
     CloudCkptError,
     CorruptCheckpoint,
     FormatVersionError,
     NotFound,
 )
-from .format.dtypes import record_of, tensor_bytes
 from .format.manifest import ChunkRef, Manifest, TensorEntry, check_manifest_name
-from .format.serialize import Segment, flatten, plan_chunks
+from .format.serialize import Segment, flatten
 from .manager import CheckpointInfo, CheckpointManager
 from .pointers import is_pointer_key
 from .reader import load_manifest
@@ -66,7 +63,7 @@ from .state import RNG_KEY, RNGState
 from .storage import Storage
 from .sweeper import SweepConfig
 from .transfer import TransferConfig
-from .writer import ChunkUploader, WriteStats, host_copy
+from .writer import WriteStats, commit_manifest, host_copy, upload_tensors
 
 __all__ = [
     "CONFIG_KEY", "RANKS_KEY", "DistributedCheckpointError", "DistributedCheckpointManager", "WorldSizeMismatch",
@@ -241,12 +238,6 @@ class DistributedCheckpointManager:
         assert outcome.info is not None
         return outcome.info
 
-    def _known_chunks(self) -> dict[str, ChunkRef]:
-        """Chunks of the checkpoints committed right now, listed afresh on every save (as
-        CheckpointManager does): retention elsewhere may have removed one since."""
-        catalog = self.manager.catalog
-        return {c.key: c for m in catalog.readable(catalog.names()) for c in m.chunks}
-
     def _upload(self, state: Mapping[str, Any], step: int, name: str | None) -> _RankUpload:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
@@ -255,28 +246,11 @@ class DistributedCheckpointManager:
             raise ValueError(f"{name!r} is reserved for a pointer object; choose another checkpoint name")
         own, shared = self._split(state)
         flat = flatten({"own": own, "shared": shared}, allow_pickle=self.allow_pickle)
-        tensors = [host_copy(t) for t in flat.tensors]
-        records = [record_of(t) for t in tensors]
-        plan = plan_chunks(records, chunk_size=self.transfer.chunk_size, pack_threshold=self.transfer.pack_threshold,
-                           pack_size=self.transfer.pack_size)
-        views = [tensor_bytes(t) for t in tensors]
-        uploader = ChunkUploader(self.store, self.transfer, self._known_chunks())
-        with ThreadPoolExecutor(max_workers=self.transfer.concurrency, thread_name_prefix="cloudckpt-upload") as pool:
-            futures = [pool.submit(lambda i=i: uploader.upload(_chunk_bytes(plan.chunks[i], views)))
-                       for i in range(len(plan.chunks))]
-            try:
-                chunks = [f.result() for f in futures]
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
-        entries = [
-            TensorEntry(dtype=r.dtype, shape=tuple(r.shape), device=str(original.device), nbytes=r.nbytes,
-                        segments=tuple(plan.segments[i]))
-            for i, (r, original) in enumerate(zip(records, flat.tensors))
-        ]
+        uploaded = upload_tensors(self.store, [host_copy(t) for t in flat.tensors], self.transfer,
+                                  self.manager.known_chunks(), devices=[str(t.device) for t in flat.tensors])
+        entries, chunks = uploaded.tensors, uploaded.chunks
         return _RankUpload(name=name, step=step, tree=flat.tree, tensors=entries, chunks=chunks,
-                           pickled=self.allow_pickle and _has_pickle(flat.tree), stats=uploader.stats)
+                           pickled=self.allow_pickle and _has_pickle(flat.tree), stats=uploaded.stats)
 
     def _split(self, state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         if not isinstance(state, Mapping):
@@ -307,26 +281,17 @@ class DistributedCheckpointManager:
         if differ:
             return _Outcome(differ)
         manifest = self._merge(gathered, epoch, metrics, reason)
-        try:
-            self.store.put(manifest.name, manifest.to_bytes(), mode="create")
-        except AlreadyExists as exc:
-            raise AlreadyExists(f"{self.store.url}/{manifest.name}: a checkpoint of that name is already "
-                                "committed; it was kept as it is. Save under another name or step.") from exc
+        commit_manifest(self.store, manifest)
         stats = WriteStats()
         for u in gathered:
             for f in dataclasses.fields(WriteStats):
                 setattr(stats, f.name, getattr(stats, f.name) + getattr(u.stats, f.name))
         log.info("committed %s/%s from %d ranks: %d chunks uploaded, %d reused", self.store.url,
                  manifest.name, len(gathered), stats.chunks_uploaded, stats.chunks_reused)
-        with self.manager._lock:
-            self.manager.catalog.remember(manifest)
-            try:
-                pointers = self.manager._after_commit(manifest)
-                if self.manager.retention is not None:
-                    self.manager.prune()
-            except Exception as exc:
-                raise _AfterCommit(manifest.name) from exc
-        return _Outcome({}, CheckpointInfo.of(manifest, pointers, stats))
+        try:
+            return _Outcome({}, self.manager.after_commit(manifest, stats))
+        except Exception as exc:
+            raise _AfterCommit(manifest.name) from exc
 
     def _merge(self, gathered: list[_RankUpload], epoch: int | None, metrics: Mapping[str, float] | None,
                reason: str) -> Manifest:
@@ -436,7 +401,8 @@ class DistributedCheckpointManager:
             raise CorruptCheckpoint(f"{where}: the state of rank {self.rank} is not an object")
         view = {k: v for k, v in saved.items() if k != RANKS_KEY}
         view.update(own)
-        self.manager._restore_from(dataclasses.replace(manifest, state=view), state, map_location, keys)
+        self.manager.restore_manifest(dataclasses.replace(manifest, state=view), state,
+                                      map_location=map_location, keys=keys)
         return CheckpointInfo.of(manifest)
 
     # -- reading -----------------------------------------------------------------
@@ -458,17 +424,6 @@ class DistributedCheckpointManager:
 
     def __repr__(self) -> str:
         return f"DistributedCheckpointManager({self.store.url!r}, rank={self.rank}/{self.world_size})"
-
-
-def _chunk_bytes(slices: list, views: list[memoryview]) -> memoryview:
-    if len(slices) == 1:
-        s = slices[0]
-        return views[s.tensor_index][s.tensor_offset: s.tensor_offset + s.length]
-    buffer = bytearray(sum(s.length for s in slices))
-    for s in slices:
-        buffer[s.chunk_offset: s.chunk_offset + s.length] = views[s.tensor_index][
-            s.tensor_offset: s.tensor_offset + s.length]
-    return memoryview(buffer)
 
 
 def _shift_tensors(tree: Any, offset: int) -> Any:

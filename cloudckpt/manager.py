@@ -37,7 +37,7 @@ from .state import RNG_KEY, RNGState
 from .storage import Storage, open_storage
 from .sweeper import SweepConfig, Sweeper, SweepReport, referenced_chunks
 from .transfer import TransferConfig
-from .writer import host_copy, write_checkpoint
+from .writer import WriteStats, host_copy, write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,18 @@ class CheckpointManager:
         with self._lock:
             manifest, stats = write_checkpoint(
                 self.store, name=name, tree=tree, tensors=snapshot.tensors, metadata=metadata,
-                transfer=self.transfer, known_chunks=self._known_chunks(), devices=devices,
+                transfer=self.transfer, known_chunks=self.known_chunks(), devices=devices,
             )
+            return self.after_commit(manifest, stats)
+
+    def after_commit(self, manifest: Manifest, stats: WriteStats | None = None) -> CheckpointInfo:
+        """Everything that follows a commit: pointers, the run's index, retention.
+
+        For writers that commit manifests themselves (e.g. ``cloudckpt.distributed``).
+        """
+        with self._lock:
             self.catalog.remember(manifest)
-            pointers = self._after_commit(manifest)
+            pointers = self._move_pointers(manifest)
             if self.retention is not None:
                 self.prune()
         return CheckpointInfo.of(manifest, pointers, stats)
@@ -163,12 +171,12 @@ class CheckpointManager:
             raise ValueError(f"state keys must be strings not starting with '__', got {bad!r}")
         return {**state, RNG_KEY: RNGState()} if self.capture_rng else dict(state)
 
-    def _known_chunks(self) -> dict[str, ChunkRef]:
+    def known_chunks(self) -> dict[str, ChunkRef]:
         """Chunks of the checkpoints committed right now (listed afresh: another writer's
         retention may have removed a checkpoint since the last save)."""
         return {c.key: c for m in self.catalog.readable(self.catalog.names()) for c in m.chunks}
 
-    def _after_commit(self, manifest: Manifest) -> tuple[str, ...]:
+    def _move_pointers(self, manifest: Manifest) -> tuple[str, ...]:
         moved = []
         if advance_latest(self.store, Pointer(manifest.name, manifest.step)):
             moved.append(LATEST_POINTER)
@@ -272,7 +280,7 @@ class CheckpointManager:
         for name in candidates:
             try:
                 manifest = self.catalog.manifest(name)
-                self._restore_from(manifest, state, map_location, keys)
+                self.restore_manifest(manifest, state, map_location=map_location, keys=keys)
                 if name != candidates[0]:
                     log.warning("restored %s instead of %s", name, candidates[0])
                 return CheckpointInfo.of(manifest)
@@ -286,8 +294,9 @@ class CheckpointManager:
         assert first_error is not None
         raise first_error
 
-    def _restore_from(self, manifest: Manifest, state: MutableMapping[str, Any],
-                      map_location: str | torch.device | None, keys: list[str] | None) -> None:
+    def restore_manifest(self, manifest: Manifest, state: MutableMapping[str, Any], *,
+                         map_location: str | torch.device | None = None, keys: list[str] | None = None) -> None:
+        """Restore one parsed manifest into ``state`` in place, without fallback (see :meth:`restore`)."""
         saved_tree = manifest.state
         if not isinstance(saved_tree, dict):
             raise CorruptCheckpoint(f"{self.store.url}/{manifest.name}: state tree is not an object")

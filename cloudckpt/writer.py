@@ -109,6 +109,64 @@ class ChunkUploader:
                 raise CorruptCheckpoint(f"{where}: read-back after upload does not match what was sent")
 
 
+@dataclass
+class Uploaded:
+    """Tensors stored as chunks, not yet referenced by any manifest."""
+
+    tensors: list[TensorEntry]
+    chunks: list[ChunkRef]
+    stats: WriteStats
+
+
+def upload_tensors(
+    store: Storage,
+    tensors: list[torch.Tensor],
+    transfer: TransferConfig,
+    known_chunks: dict[str, ChunkRef],
+    devices: list[str] | None = None,
+) -> Uploaded:
+    """Cut host tensors (CPU, contiguous) into chunks and upload, in parallel, those not in ``known_chunks``.
+
+    ``known_chunks`` are chunks referenced by live checkpoints of this root;
+    ``devices`` records where each tensor lived before it was copied to host memory.
+    """
+    records = [record_of(t) for t in tensors]
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError(f"upload_tensors needs contiguous host tensors; got one on {tensor.device}")
+    plan = plan_chunks(records, chunk_size=transfer.chunk_size, pack_threshold=transfer.pack_threshold,
+                       pack_size=transfer.pack_size)
+    views = [tensor_bytes(t) for t in tensors]
+    uploader = ChunkUploader(store, transfer, known_chunks)
+    with ThreadPoolExecutor(max_workers=transfer.concurrency, thread_name_prefix="cloudckpt-upload") as pool:
+        futures = [pool.submit(lambda i=i: uploader.upload(_chunk_bytes(plan, i, views)))
+                   for i in range(len(plan.chunks))]
+        try:
+            chunks = [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    entries = [
+        TensorEntry(dtype=record.dtype, shape=tuple(record.shape),
+                    device=devices[i] if devices else record.device,
+                    nbytes=record.nbytes, segments=tuple(plan.segments[i]))
+        for i, record in enumerate(records)
+    ]
+    return Uploaded(entries, chunks, uploader.stats)
+
+
+def commit_manifest(store: Storage, manifest: Manifest) -> None:
+    """Write ``manifest`` create-only: from this moment the checkpoint exists."""
+    try:
+        store.put(manifest.name, manifest.to_bytes(), mode="create")
+    except AlreadyExists as exc:
+        raise AlreadyExists(
+            f"{store.url}/{manifest.name}: a checkpoint of that name is already committed; "
+            "it was kept as it is. Save under another name or step."
+        ) from exc
+
+
 def write_checkpoint(
     store: Storage,
     *,
@@ -122,56 +180,16 @@ def write_checkpoint(
 ) -> tuple[Manifest, WriteStats]:
     """Upload ``tensors`` (CPU, contiguous) as chunks, then commit the manifest named ``name``.
 
-    ``known_chunks`` are chunk keys referenced by live checkpoints of this root:
-    those are not uploaded again.  ``devices`` records where each tensor lived
-    before it was copied to host memory.  Raises AlreadyExists if ``name`` is taken.
+    Raises AlreadyExists if ``name`` is taken (and leaves that checkpoint as it is).
     """
-    records = [record_of(t) for t in tensors]
-    for record, tensor in zip(records, tensors):
-        if tensor.device.type != "cpu" or not tensor.is_contiguous():
-            raise ValueError(f"write_checkpoint needs host tensors; got one on {tensor.device}")
-    plan = plan_chunks(records, chunk_size=transfer.chunk_size, pack_threshold=transfer.pack_threshold,
-                       pack_size=transfer.pack_size)
-    views = [tensor_bytes(t) for t in tensors]
-    uploader = ChunkUploader(store, transfer, known_chunks)
-
-    with ThreadPoolExecutor(max_workers=transfer.concurrency, thread_name_prefix="cloudckpt-upload") as pool:
-        futures = [pool.submit(lambda i=i: uploader.upload(_chunk_bytes(plan, i, views)))
-                   for i in range(len(plan.chunks))]
-        try:
-            chunks = [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-
-    manifest = Manifest(
-        name=name,
-        tensors=[
-            TensorEntry(
-                dtype=record.dtype,
-                shape=tuple(record.shape),
-                device=devices[i] if devices else record.device,
-                nbytes=record.nbytes,
-                segments=tuple(plan.segments[i]),
-            )
-            for i, record in enumerate(records)
-        ],
-        chunks=chunks,
-        compression=transfer.compression,
-        state=tree,
-        **metadata,
-    )
-    try:
-        store.put(name, manifest.to_bytes(), mode="create")
-    except AlreadyExists as exc:
-        raise AlreadyExists(
-            f"{store.url}/{name}: a checkpoint of that name is already committed; "
-            "it was kept as it is. Save under another name (name=...) or step."
-        ) from exc
+    uploaded = upload_tensors(store, tensors, transfer, known_chunks, devices)
+    manifest = Manifest(name=name, tensors=uploaded.tensors, chunks=uploaded.chunks,
+                        compression=transfer.compression, state=tree, **metadata)
+    commit_manifest(store, manifest)
+    stats = uploaded.stats
     log.info(
         "committed %s/%s: %d chunks uploaded (%.1f MiB), %d reused (%.1f MiB)",
-        store.url, name, uploader.stats.chunks_uploaded, uploader.stats.bytes_uploaded / 2**20,
-        uploader.stats.chunks_reused, uploader.stats.bytes_reused / 2**20,
+        store.url, name, stats.chunks_uploaded, stats.bytes_uploaded / 2**20,
+        stats.chunks_reused, stats.bytes_reused / 2**20,
     )
-    return manifest, uploader.stats
+    return manifest, stats

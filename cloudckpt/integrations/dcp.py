@@ -81,15 +81,14 @@ from ..format.dtypes import (
     TENSOR_DTYPES,
     TensorRecord,
     empty_from_record,
-    record_of,
     tensor_bytes,
 )
 from ..format.manifest import ChunkRef
-from ..format.serialize import PickleNotAllowed, Segment, UnsupportedValue, plan_chunks
+from ..format.serialize import PickleNotAllowed, Segment, UnsupportedValue
 from ..reader import ChunkFetcher
 from ..storage import Storage, open_storage
 from ..transfer import TransferConfig
-from ..writer import ChunkUploader, host_copy
+from ..writer import host_copy, upload_tensors
 from ._dcp_metadata import (
     DCP_VERSION,
     METADATA_KEY,
@@ -239,34 +238,21 @@ class CloudStorageWriter(StorageWriter):
                     raise ValueError(f"{item.index.fqn}: resolved shard has shape {tuple(tensor.shape)}, "
                                      f"the plan says {expected}")
             tensors.append(tensor)
-        records = [record_of(t) for t in tensors]
-        chunk_plan = plan_chunks(records, chunk_size=self.transfer.chunk_size,
-                                 pack_threshold=self.transfer.pack_threshold, pack_size=self.transfer.pack_size)
-        views = [tensor_bytes(t) for t in tensors]
-        uploader = ChunkUploader(self.store, self.transfer, {})
-        with ThreadPoolExecutor(max_workers=self.transfer.concurrency, thread_name_prefix="cloudckpt-dcp") as pool:
-            futures = [pool.submit(lambda i=i: uploader.upload(_chunk_bytes(chunk_plan.chunks[i], views)))
-                       for i in range(len(chunk_plan.chunks))]
-            try:
-                refs = [f.result() for f in futures]
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+        uploaded = upload_tensors(self.store, tensors, self.transfer, {})
         results = []
-        for i, (item, record) in enumerate(zip(items, records)):
+        for item, entry in zip(items, uploaded.tensors):
             used: dict[int, int] = {}
             segments = []
-            for s in chunk_plan.segments[i]:
+            for s in entry.segments:
                 local = used.setdefault(s.chunk_index, len(used))
                 segments.append(Segment(local, s.chunk_offset, s.tensor_offset, s.length))
             location = ItemLocation(
                 kind="bytes" if item.type == WriteItemType.BYTE_IO else "tensor",
-                dtype=record.dtype, shape=tuple(record.shape), nbytes=record.nbytes,
-                chunks=tuple(refs[c] for c in used), segments=tuple(segments),
+                dtype=entry.dtype, shape=tuple(entry.shape), nbytes=entry.nbytes,
+                chunks=tuple(uploaded.chunks[c] for c in used), segments=tuple(segments),
             )
-            results.append(WriteResult(index=item.index, size_in_bytes=record.nbytes, storage_data=location))
-        stats = uploader.stats
+            results.append(WriteResult(index=item.index, size_in_bytes=entry.nbytes, storage_data=location))
+        stats = uploaded.stats
         log.info("rank %s: %d DCP items in %d chunks to %s (%.1f MiB uploaded)", self.rank, len(items),
                  stats.chunks_uploaded + stats.chunks_reused, self.store.url, stats.bytes_uploaded / 2**20)
         return results
@@ -300,17 +286,6 @@ class CloudStorageWriter(StorageWriter):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _chunk_bytes(slices: list, views: list[memoryview]) -> memoryview:
-    if len(slices) == 1:
-        s = slices[0]
-        return views[s.tensor_index][s.tensor_offset: s.tensor_offset + s.length]
-    buffer = bytearray(sum(s.length for s in slices))
-    for s in slices:
-        buffer[s.chunk_offset: s.chunk_offset + s.length] = views[s.tensor_index][
-            s.tensor_offset: s.tensor_offset + s.length]
-    return memoryview(buffer)
 
 
 class CloudStorageReader(StorageReader):

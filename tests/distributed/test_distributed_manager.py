@@ -1,0 +1,179 @@
+"""DistributedCheckpointManager: every rank uploads its own state, rank 0 commits one manifest.
+
+Two-rank runs are gloo subprocesses (dist_worker.py); the in-process tests use a
+one-rank gloo group, which exercises the same code paths quickly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_helpers import SMALL_CHUNKS, rank_shard, replicated_model, run_ranks
+
+from cloudckpt import CheckpointManager
+from cloudckpt.distributed import (
+    CONFIG_KEY,
+    RANKS_KEY,
+    DistributedCheckpointError,
+    DistributedCheckpointManager,
+    WorldSizeMismatch,
+)
+from cloudckpt.errors import CorruptCheckpoint
+from cloudckpt.reader import load_manifest
+from cloudckpt.state import RNG_KEY
+from cloudckpt.storage import MemoryStorage, open_storage
+from cloudckpt.storage.faults import Fault, FaultyStorage
+
+
+@pytest.fixture
+def one_rank():
+    """A one-process gloo group, torn down after the test (DCP tests must not see it)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+# -- two ranks ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def two_ranks(request, tmp_path_factory):
+    if request.param == "s3":
+        moto_s3 = request.getfixturevalue("moto_s3")
+        bucket = moto_s3.new_bucket()
+        base, options = f"s3://{bucket}", {"endpoint_url": moto_s3.endpoint_url}
+    else:
+        base, options = str(tmp_path_factory.mktemp("dist")), {}
+    urls = {"roundtrip": f"{base}/roundtrip", "failure": f"{base}/failure"}
+    results = run_ranks("manager", {
+        "roundtrip": {"url": urls["roundtrip"], "options": options},
+        "failure": {"url": urls["failure"], "options": options, "fail_rank": 1},
+        "pg_timeout": 60,
+    })
+    for result in results:
+        for part in result.values():
+            assert "unexpected" not in part, part
+    return results, urls, options
+
+
+def test_two_ranks_save_and_restore(two_ranks):
+    results, _, _ = two_ranks
+    for rank, result in enumerate(results):
+        part = result["roundtrip"]
+        assert part["first"][0] == "checkpoint_step_00000010.ckpt"
+        assert sorted(part["first"][1]) == ["best_model_loss.ckpt", "latest.ckpt"]
+        assert part["latest_step"] == 20 and all(part["latest_ok"].values()), (rank, part)
+        assert part["best_step"] == 10 and all(part["best_ok"].values()), (rank, part)  # incl. this rank's RNG
+        # The unchanged replicated model was not uploaded again; the new shards were.
+        assert part["second_stats"]["chunks_reused"] >= 1 and part["second_stats"]["chunks_uploaded"] >= 2
+
+
+def test_two_rank_checkpoint_is_an_ordinary_manifest(two_ranks):
+    _, urls, options = two_ranks
+    with CheckpointManager(urls["roundtrip"], storage_options=options) as mgr:
+        assert [i.step for i in mgr.list()] == [10, 20]
+        assert mgr.verify("latest").chunks_read > 0
+        loaded, info = mgr.load()
+    assert info.step == 20
+    expected, _ = replicated_model()
+    assert torch.equal(loaded["model"]["weight"], expected.weight)  # replicated: stored once, at the top
+    ranks = loaded[RANKS_KEY]
+    assert len(ranks) == 2
+    for rank in range(2):
+        assert torch.equal(ranks[rank]["shard"], rank_shard(rank, 2))
+        assert ranks[rank]["progress"] == {"rank": rank, "seen": 20}
+        assert RNG_KEY in ranks[rank]
+    model = torch.nn.Linear(16, 8)  # one process can restore the replicated part on its own
+    with CheckpointManager(urls["roundtrip"], storage_options=options) as mgr:
+        mgr.restore({"model": model}, keys=["model"])
+    assert torch.equal(model.weight, expected.weight)
+
+
+def test_failing_rank_commits_nothing_and_everyone_raises(two_ranks):
+    results, urls, options = two_ranks
+    for result in results:
+        part = result["failure"]
+        assert part["error"] == "DistributedCheckpointError" and part["failed_ranks"] == [1], part
+        assert "PermissionDenied" in part["message"]
+        assert part["latest_after_failure"] == 1  # the previous checkpoint is still the latest
+        assert part["third"] == 3  # and the group goes on saving
+    store = open_storage(urls["failure"], **options)
+    manifests = sorted(o.key for o in store.list() if o.key.endswith(".ckpt") and "/" not in o.key)
+    assert manifests == ["checkpoint_step_00000001.ckpt", "checkpoint_step_00000003.ckpt", "latest.ckpt"]
+
+
+def test_dead_rank_fails_the_others_instead_of_hanging(tmp_path):
+    results = run_ranks("manager_crash", {"url": str(tmp_path / "crash"), "fail_rank": 1, "crash": True,
+                                          "pg_timeout": 30}, may_die=(1,))
+    part = results[0]
+    assert results[1] is None  # rank 1 died
+    assert part["error"] is not None, part  # gloo reports the lost peer (or the timeout): no hang
+    names = sorted(p.name for p in (tmp_path / "crash").iterdir() if p.name.endswith(".ckpt"))
+    assert names == ["checkpoint_step_00000001.ckpt", "latest.ckpt"]
+
+
+def test_world_size_mismatch_is_refused(two_ranks, one_rank):
+    _, urls, options = two_ranks
+    mgr = DistributedCheckpointManager(urls["roundtrip"], storage_options=options)
+    with pytest.raises(DistributedCheckpointError, match="saved by 2 ranks") as caught:
+        mgr.restore({"shard": torch.zeros(3000)})
+    assert isinstance(caught.value.__cause__, WorldSizeMismatch)
+
+
+# -- one rank, in process --------------------------------------------------------
+
+def test_one_rank_roundtrip_and_manifest_layout(one_rank):
+    store = MemoryStorage()
+    model, _ = replicated_model()
+    mgr = DistributedCheckpointManager(store, replicated=["model"], config={"lr": 0.1})
+    info = mgr.save({"model": model, "extra": {"n": 1, "t": torch.ones(2)}}, step=3, metrics={"loss": 2.0})
+    assert info.name == "checkpoint_step_00000003.ckpt" and info.pointers == ("latest.ckpt",)
+    manifest = load_manifest(store, info.name)
+    assert manifest.config == {"lr": 0.1, CONFIG_KEY: {"world_size": 1, "replicated": ["model"]}}
+    assert set(manifest.state) == {"model", RANKS_KEY} and set(manifest.state[RANKS_KEY][0]) == {"extra", RNG_KEY}
+    target = {"model": torch.nn.Linear(16, 8), "extra": {}}
+    assert mgr.restore(target).step == 3
+    assert torch.equal(target["model"].weight, model.weight)
+    assert target["extra"]["n"] == 1 and torch.equal(target["extra"]["t"], torch.ones(2))
+
+
+def test_one_rank_fallback_to_previous_on_corruption(one_rank):
+    store = MemoryStorage()
+    mgr = DistributedCheckpointManager(store, transfer=SMALL_CHUNKS)
+    mgr.save({"shard": rank_shard(0, 1)}, step=1)
+    mgr.save({"shard": rank_shard(0, 2)}, step=2)
+    second = load_manifest(store, "checkpoint_step_00000002.ckpt")
+    first_keys = {c.key for c in load_manifest(store, "checkpoint_step_00000001.ckpt").chunks}
+    store.delete([c.key for c in second.chunks if c.key not in first_keys])
+    target = {"shard": torch.zeros(3000)}
+    assert mgr.restore(target).step == 1
+    assert torch.equal(target["shard"], rank_shard(0, 1))
+    with pytest.raises(DistributedCheckpointError) as caught:  # asked for by name: no fallback
+        mgr.restore(target, "checkpoint_step_00000002.ckpt")
+    assert isinstance(caught.value.__cause__, CorruptCheckpoint)
+
+
+def test_one_rank_failed_upload_commits_nothing(one_rank):
+    inner = MemoryStorage()
+    faulty = FaultyStorage(inner, [Fault("put", kind="permanent", key_prefix="chunks/")])
+    mgr = DistributedCheckpointManager(faulty)
+    with pytest.raises(DistributedCheckpointError, match="rank 0: PermissionDenied"):
+        mgr.save({"t": torch.ones(4)}, step=1)
+    assert not [o.key for o in inner.list() if o.key.endswith(".ckpt")]
+    assert mgr.restore({"t": torch.zeros(4)}) is None
+    assert mgr.save({"t": torch.ones(4)}, step=1).step == 1  # the fault fired once; a retry commits
+
+
+def test_one_rank_rejects_reserved_and_missing_keys(one_rank):
+    mgr = DistributedCheckpointManager(MemoryStorage(), replicated=["model"])
+    with pytest.raises(DistributedCheckpointError, match="replicated keys"):
+        mgr.save({"other": torch.ones(1)}, step=1)
+    with pytest.raises(DistributedCheckpointError, match="reserved"):
+        mgr.save({"model": torch.ones(1), RANKS_KEY: 1}, step=1)
+
+
+def test_needs_an_initialized_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        DistributedCheckpointManager(MemoryStorage())

@@ -9,11 +9,11 @@ import math
 import os
 import socket
 import threading
-from typing import Any, Literal, Mapping, MutableMapping
+from typing import Any, Callable, Literal, Mapping, MutableMapping, TypeVar
 
 import torch
 
-from . import __version__
+from . import __version__, run_index
 from .catalog import UNUSABLE, Catalog, CheckpointInfo, Which
 from .errors import CloudCkptError, CorruptCheckpoint, NotFound
 from .format.manifest import ChunkRef, Manifest, check_manifest_name
@@ -40,6 +40,7 @@ from .transfer import TransferConfig
 from .writer import WriteStats, host_copy, write_checkpoint
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = ["CheckpointInfo", "CheckpointManager"]
 
@@ -182,7 +183,8 @@ class CheckpointManager:
             moved.append(LATEST_POINTER)
         if self._promote_best(manifest):
             moved.append(best_pointer_key(self.monitor))
-        update_json(self.store, STATE_KEY, lambda body: self._record(body, manifest))
+        update_json(self.store, STATE_KEY, lambda body: run_index.record(
+            body, manifest, monitor=self.monitor, mode=self.mode, top_k=self.top_k))
         return tuple(moved)
 
     def _promote_best(self, manifest: Manifest) -> bool:
@@ -202,25 +204,6 @@ class CheckpointManager:
         best = (best_first(committed, self.monitor, self.mode) or [CheckpointInfo.of(manifest)])[0]
         value = best.metrics[self.monitor]
         return promote_best(self.store, Pointer(best.name, best.step, self.monitor, value, self.mode))
-
-    def _record(self, body: dict[str, Any], manifest: Manifest) -> dict[str, Any]:
-        index = body.setdefault("checkpoints", {})
-        index[manifest.name] = {
-            "step": manifest.step, "epoch": manifest.epoch, "reason": manifest.reason,
-            "created": manifest.created, "nbytes": manifest.nbytes,
-            "metrics": {k: v for k, v in manifest.metrics.items() if v is not None and math.isfinite(v)},
-        }
-        if self.monitor and manifest.metrics.get(self.monitor) is not None:
-            value = manifest.metrics[self.monitor]
-            if math.isfinite(value):
-                history = body.setdefault("best_history", {}).setdefault(self.monitor, [])
-                history.append({"name": manifest.name, "step": manifest.step,
-                                "epoch": manifest.epoch, "value": value})
-                sign = 1 if self.mode == "min" else -1
-                history.sort(key=lambda h: (sign * h["value"], h["step"]))
-                del history[self.top_k:]
-        body["version"] = 1
-        return body
 
     # -- listing ---------------------------------------------------------------
     def list(self) -> list[CheckpointInfo]:
@@ -273,24 +256,34 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
+        found = self._first_that_works(
+            which, lambda manifest: self.restore_manifest(manifest, state, map_location=map_location, keys=keys))
+        return None if found is None else CheckpointInfo.of(found[0])
+
+    def _first_that_works(self, which: Which, use: Callable[[Manifest], T]) -> tuple[Manifest, T] | None:
+        """Apply ``use`` to the first candidate for ``which`` that reads and verifies (None if no
+        checkpoint exists).  For "latest"/"best" a failing candidate is logged and the next one tried;
+        a named checkpoint or step gets no fallback."""
         candidates = self._candidates(which)
         if not candidates:
             return None
+        fallback = which in ("latest", "best")
         first_error: Exception | None = None
         for name in candidates:
             try:
                 manifest = self.catalog.manifest(name)
-                self.restore_manifest(manifest, state, map_location=map_location, keys=keys)
-                if name != candidates[0]:
-                    log.warning("restored %s instead of %s", name, candidates[0])
-                return CheckpointInfo.of(manifest)
+                result = use(manifest)
             except UNUSABLE as exc:
-                if isinstance(exc, NotFound) and which not in ("latest", "best"):
+                if isinstance(exc, NotFound) and not fallback:
                     raise NotFound(f"{self.store.url}/{name}: no such checkpoint") from exc
-                log.warning("cannot restore %s: %s", name, exc)
+                log.warning("cannot use %s: %s", name, exc)
                 first_error = first_error or exc
-                if which not in ("latest", "best"):
+                if not fallback:
                     break
+                continue
+            if name != candidates[0]:
+                log.warning("restored %s instead of %s", name, candidates[0])
+            return manifest, result
         assert first_error is not None
         raise first_error
 
@@ -314,7 +307,7 @@ class CheckpointManager:
         if map_location is not None:
             tensors = {i: t.to(map_location) for i, t in tensors.items()}
         table = [tensors.get(i, _ABSENT) for i in range(len(manifest.tensors))]
-        loaded = unflatten(subtree, table, allow_pickle=self.allow_pickle)
+        loaded = self._unflatten(manifest, subtree, table)
         rng = loaded.pop(RNG_KEY, None)
         apply_state(state, {k: loaded[k] for k in chosen})
         if rng is not None:
@@ -324,21 +317,33 @@ class CheckpointManager:
              restore_rng: bool = False) -> tuple[dict[str, Any], CheckpointInfo]:
         """Read a checkpoint into new objects (state dicts as plain dicts), without live targets.
 
-        With ``restore_rng`` the process's random generators are set from the checkpoint too.
+        Falls back like :meth:`restore`.  With ``restore_rng`` the process's random
+        generators are set from the checkpoint too.
         """
-        candidates = self._candidates(which)
-        if not candidates:
+        self._check_open()
+        self.wait()
+        found = self._first_that_works(which, lambda manifest: self._load_manifest(manifest, map_location))
+        if found is None:
             raise NotFound(f"{self.store.url}: no checkpoint to load")
-        manifest = self.catalog.manifest(candidates[0])
-        tensors, _ = read_tensors(self.store, manifest, {}, self.transfer)
-        if map_location is not None:
-            tensors = {i: t.to(map_location) for i, t in tensors.items()}
-        holder = unflatten(manifest.state, [tensors[i] for i in range(len(manifest.tensors))],
-                           allow_pickle=self.allow_pickle)
+        manifest, holder = found
         rng = holder.pop(RNG_KEY, None)
         if restore_rng and rng is not None:
             RNGState().load_state_dict(dict(rng))
         return _plain(holder), CheckpointInfo.of(manifest)
+
+    def _load_manifest(self, manifest: Manifest, map_location: str | torch.device | None) -> dict[str, Any]:
+        if not isinstance(manifest.state, dict):
+            raise CorruptCheckpoint(f"{self.store.url}/{manifest.name}: state tree is not an object")
+        tensors, _ = read_tensors(self.store, manifest, {}, self.transfer)
+        if map_location is not None:
+            tensors = {i: t.to(map_location) for i, t in tensors.items()}
+        return self._unflatten(manifest, manifest.state, [tensors[i] for i in range(len(manifest.tensors))])
+
+    def _unflatten(self, manifest: Manifest, tree: Any, tensors: list[torch.Tensor]) -> Any:
+        try:
+            return unflatten(tree, tensors, allow_pickle=self.allow_pickle)
+        except CorruptCheckpoint as exc:
+            raise CorruptCheckpoint(f"{self.store.url}/{manifest.name}: {exc}") from exc
 
     def verify(self, which: Which = "latest") -> ReadStats:
         """Re-read one checkpoint's manifest and every chunk, checking all checksums and hashes."""
@@ -367,7 +372,7 @@ class CheckpointManager:
             self.sweeper.remove_checkpoints(doomed, report)
             if doomed and not dry_run:
                 self.catalog.forget(doomed)
-                update_json(self.store, STATE_KEY, lambda body: _forget(body, doomed))
+                update_json(self.store, STATE_KEY, lambda body: run_index.forget(body, doomed))
             try:
                 self.sweeper.sweep_chunks(lambda: self._referenced(exclude=doomed), report)
             except _UnreadableManifest as exc:
@@ -389,26 +394,34 @@ class CheckpointManager:
                 ) from exc
         return referenced_chunks(manifests)
 
+    def delete(self, name: str) -> None:
+        """Remove one checkpoint now: its manifest goes (the checkpoint ceases to exist); its chunks
+        are swept later, once no other checkpoint uses them.  A pointer naming it is left to dangle
+        (readers fall back to the newest checkpoint that exists)."""
+        self._check_open()
+        self.wait()
+        name = check_manifest_name(name)
+        with self._lock:
+            named_by = [k for k, p in self.catalog.pointers().items() if p.target == name]
+            if named_by:
+                log.warning("deleting %s, which %s names", name, " and ".join(named_by))
+            self.sweeper.remove_checkpoints([name], SweepReport(cleanup=self.sweeper.config.cleanup))
+            self.catalog.forget({name})
+            update_json(self.store, STATE_KEY, lambda body: run_index.forget(body, {name}))
+
     def pinned(self) -> set[str]:
         """Checkpoints pinned with :meth:`pin`; retention keeps them."""
         try:
             body = json.loads(self.store.get(STATE_KEY))
-        except (NotFound, ValueError):
+        except (NotFound, ValueError, RecursionError):
             return set()
-        pins = body.get("pinned", []) if isinstance(body, dict) else []
-        return {p for p in pins if isinstance(p, str)}
+        return run_index.pins(body) if isinstance(body, dict) else set()
 
     def pin(self, name: str, pinned: bool = True) -> None:
         """Pin (or, with ``pinned=False``, unpin) a checkpoint so that retention never removes it."""
         if pinned:
             self.catalog.manifest(check_manifest_name(name))  # only existing checkpoints can be pinned
-
-        def change(body: dict[str, Any]) -> dict[str, Any]:
-            pins = set(body.get("pinned", [])) if isinstance(body.get("pinned"), list) else set()
-            body["pinned"] = sorted(pins | {name} if pinned else pins - {name})
-            return body
-
-        update_json(self.store, STATE_KEY, change)
+        update_json(self.store, STATE_KEY, lambda body: run_index.set_pin(body, name, pinned))
 
     # -- lifecycle -------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> None:
@@ -453,17 +466,6 @@ _ABSENT: Any = torch.empty(0)
 
 class _UnreadableManifest(CloudCkptError):
     pass
-
-
-def _forget(body: dict[str, Any], names: set[str]) -> dict[str, Any]:
-    index = body.get("checkpoints")
-    if isinstance(index, dict):
-        for name in names:
-            index.pop(name, None)
-    for metric, history in (body.get("best_history") or {}).items():
-        if isinstance(history, list):
-            body["best_history"][metric] = [h for h in history if not (isinstance(h, dict) and h.get("name") in names)]
-    return body
 
 
 def _as_metric(name: Any, value: Any) -> float | None:

@@ -45,10 +45,12 @@ class ReadStats:
 class ChunkFetcher:
     """Downloads chunks (large ones as parallel ranged GETs) and verifies them."""
 
-    def __init__(self, store: Storage, transfer: TransferConfig, *, full: bool = False) -> None:
+    def __init__(self, store: Storage, transfer: TransferConfig, *, full: bool = False,
+                 sizes_checked: bool = False) -> None:
         self.store = store
         self.transfer = transfer
         self.full = full
+        self.sizes_checked = sizes_checked  # the caller HEADed every chunk (check_chunk_sizes)
         self._ranges = ThreadPoolExecutor(max_workers=transfer.concurrency, thread_name_prefix="cloudckpt-range")
 
     def close(self) -> None:
@@ -74,9 +76,11 @@ class ChunkFetcher:
         step = self.transfer.range_size
         if ref.size <= step:
             return self.store.get(ref.key)
-        stored = self.store.head(ref.key).size  # before allocating what a (hostile) manifest declares
-        if stored != ref.size:
-            raise CorruptCheckpoint(f"{self.store.url}/{ref.key}: chunk has {stored} bytes, the manifest says {ref.size}")
+        if not self.sizes_checked:  # before allocating what a (hostile) manifest declares
+            stored = self.store.head(ref.key).size
+            if stored != ref.size:
+                raise CorruptCheckpoint(
+                    f"{self.store.url}/{ref.key}: chunk has {stored} bytes, the manifest says {ref.size}")
         buffer = bytearray(ref.size)
 
         def fetch_range(start: int) -> None:
@@ -162,7 +166,7 @@ def read_tensors(
         for seg in manifest.tensors[i].segments:
             by_chunk.setdefault(seg.chunk_index, []).append((i, seg.chunk_offset, seg.tensor_offset, seg.length))
 
-    fetcher = ChunkFetcher(store, transfer, full=full_verify)
+    fetcher = ChunkFetcher(store, transfer, full=full_verify, sizes_checked=True)
     stats = ReadStats()
     lock = threading.Lock()
 

@@ -74,6 +74,9 @@ def apply_state(target: MutableMapping[str, Any], loaded: Mapping[str, Any], *, 
                                     f"not the state of a {type(current).__name__}")
             current.load_state_dict(dict(value))
         elif isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor):
+            if current.shape != value.shape:
+                raise StateMismatch(f"{where}: the checkpoint holds a tensor of shape {tuple(value.shape)}, "
+                                    f"the live one has shape {tuple(current.shape)}")
             if current is not value:
                 with torch.no_grad():
                     current.copy_(value)

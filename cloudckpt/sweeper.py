@@ -18,9 +18,11 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
+from . import run_index
 from .format.manifest import Manifest
+from .pointers import STATE_KEY, update_json
 from .storage.base import Storage
 from .storage.lifecycle import CHUNK_PREFIX
 
@@ -89,23 +91,35 @@ class Sweeper:
         live_chunks: Callable[[], set[str]],
         report: SweepReport,
     ) -> None:
-        """Delete or mark chunks outside ``live_chunks()`` older than the grace period.
+        """Delete or mark chunks no live manifest references, once they have been garbage for the grace period.
 
-        ``live_chunks`` is called after the chunk listing, so a manifest
+        A chunk goes only if it was uploaded more than ``grace`` ago (a writer
+        uploads chunks before it commits) *and* was first seen unreferenced more
+        than ``grace`` ago (recorded in the run's index): a writer that decided
+        to reuse a chunk of a checkpoint that retention then removed has until
+        the grace period ends to commit, and its commit makes the chunk live
+        again.  ``live_chunks`` is called after the chunk listing, so a manifest
         committed while we listed still protects its chunks.
         """
         now = self.config.clock()
         listed = self.store.list(CHUNK_PREFIX)
         referenced = live_chunks()
         self._marked -= referenced  # re-uploaded since it was marked: a candidate again once unreferenced
-        garbage = []
+        unreferenced = []
         for info in listed:
             if info.key in referenced or info.key in self._marked:
                 continue
             if info.last_modified is not None and now - info.last_modified < self.config.grace:
                 report.chunks_too_young += 1
                 continue
-            garbage.append(info)
+            unreferenced.append(info)
+        since = self._unreferenced_since({i.key for i in unreferenced}, now, report.dry_run)
+        garbage = []
+        for info in unreferenced:
+            if now - since[info.key] < self.config.grace:
+                report.chunks_too_young += 1
+            else:
+                garbage.append(info)
         report.chunks_removed += len(garbage)
         report.bytes_removed += sum(i.size for i in garbage)
         if garbage and not report.dry_run:
@@ -121,10 +135,23 @@ class Sweeper:
                      if not report.dry_run else "would clean", len(garbage),
                      report.bytes_removed / 2**20, self.store.url)
 
+    def _unreferenced_since(self, keys: set[str], now: _dt.datetime, dry_run: bool) -> dict[str, _dt.datetime]:
+        if self.config.grace <= _dt.timedelta(0):
+            return {key: now for key in keys}
+        found: dict[str, _dt.datetime] = {}
+
+        def change(body: dict[str, Any]) -> dict[str, Any] | None:
+            found.clear()
+            found.update(run_index.unreferenced_since(body, keys, now))
+            return None if dry_run else body
+
+        update_json(self.store, STATE_KEY, change)
+        return found
+
     def abort_stale_uploads(self, report: SweepReport) -> None:
-        """Abort multipart uploads older than ``stale_upload_age`` (left by crashed writers)."""
+        """Abort uploads older than ``stale_upload_age`` (left by crashed writers), anywhere in the root."""
         now = self.config.clock()
-        for pending in self.store.list_pending_uploads(CHUNK_PREFIX):
+        for pending in self.store.list_pending_uploads(""):
             if pending.initiated is not None and now - pending.initiated >= self.config.stale_upload_age:
                 if not report.dry_run:
                     self.store.abort_pending_upload(pending)

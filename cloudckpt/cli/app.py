@@ -6,6 +6,7 @@ Commands register themselves on :data:`cli` when their modules are imported (see
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,25 @@ from ..errors import CloudCkptError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+#: Credential material the SDKs' debug logs contain: signing key ids, signatures, tokens.
+_SECRETS = re.compile(
+    r"(Credential=|X-Amz-Credential=|Signature=|X-Amz-Signature=|X-Amz-Security-Token[=:]\s*|"
+    r"x-amz-security-token[=:]\s*|Authorization[\"']?[=:]\s*[\"']?Bearer\s+|access_token[\"']?[=:]\s*[\"']?)"
+    r"[^\s,&'\"]+"
+)
+_KEY_ID = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{12,}\b")
+
+
+class RedactSecrets(logging.Filter):
+    """Blanks credentials and signatures out of log records (``-vv`` turns on the SDKs' debug logs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _KEY_ID.sub("<redacted>", _SECRETS.sub(lambda m: m.group(1) + "<redacted>", message))
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 # -- errors ---------------------------------------------------------------------
@@ -79,6 +99,8 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     ctx.obj = {"debug": debug}
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="cloudckpt: %(levelname)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactSecrets())
     if verbose < 2:  # the SDKs' own chatter (retries, auth probes) is not for users; errors say enough
         for noisy in ("botocore", "boto3", "urllib3", "google", "google.auth"):
             logging.getLogger(noisy).setLevel(logging.ERROR)

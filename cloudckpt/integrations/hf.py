@@ -39,8 +39,9 @@ import math
 import os
 import random
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 try:
     from transformers import TrainerCallback
@@ -121,7 +122,7 @@ class CloudCheckpointCallback(TrainerCallback):
             payload["scheduler"] = lr_scheduler
         step = int(state.global_step)
         saved = self.manager.save(
-            payload, step=step, epoch=None if state.epoch is None else int(math.floor(state.epoch)),
+            payload, step=step, epoch=None if state.epoch is None else math.floor(state.epoch),
             metrics=_latest_metrics(state.log_history), reason="periodic", name=f"checkpoint_step_{step:08d}.ckpt",
         )
         if isinstance(saved, CheckpointInfo):

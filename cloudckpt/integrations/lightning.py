@@ -32,9 +32,9 @@ Why not ``ModelCheckpoint(dirpath="s3://...")``: ModelCheckpoint opens the
 dirpath with fsspec when it is constructed and in ``setup`` (to test for
 existing files, list the directory, number versions and find ``last``), and
 fsspec refuses ``s3://`` without ``s3fs`` ("Install s3fs to access S3") and
-``gs://`` without ``gcsfs``.  With those installed it works with this plugin
-(the manifests are real objects named ``<root>/<name>.ckpt``), and a local
-dirpath always does; but ``save_last=True`` rewrites ``last.ckpt`` every time,
+``gs://`` without ``gcsfs``.  With those installed it should work with this
+plugin (the manifests are real objects named ``<root>/<name>.ckpt``; untested),
+and a local dirpath does (tested); but ``save_last=True`` rewrites ``last.ckpt`` every time,
 which a create-only checkpoint can only do by deleting the old one first (a
 short window without ``last.ckpt``): the latest pointer is the better "last".
 
@@ -52,7 +52,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Literal, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -71,10 +72,9 @@ from ..manager import CheckpointInfo, CheckpointManager
 from ..pointers import BEST_POINTER_PREFIX, LATEST_POINTER, is_pointer_key, read_pointer
 from ..retention import KeepBestK, KeepLastN
 from ..storage.base import Storage
-from ..sweeper import SweepReport
 from ..transfer import TransferConfig
 
-__all__ = ["CloudCheckpointCallback", "CloudCheckpointIO", "LIGHTNING_KEY", "join_path", "split_path"]
+__all__ = ["LIGHTNING_KEY", "CloudCheckpointCallback", "CloudCheckpointIO", "join_path", "split_path"]
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class CloudCheckpointIO(CheckpointIO):
         manager.wait()  # a save of the same name in flight must be committed before we look for it
         if _exists(manager, name):
             log.info("replacing %s/%s (delete, then save: checkpoints are create-only)", manager.store.url, name)
-            _delete(manager, name)
+            manager.delete(name)
         try:
             manager.save({LIGHTNING_KEY: checkpoint}, step=int(step), epoch=None if epoch is None else int(epoch),
                          metrics=options.get("metrics"), reason=options.get("reason", "manual"), name=name)
@@ -250,7 +250,7 @@ class CloudCheckpointIO(CheckpointIO):
         manager, name = routed
         if is_pointer_key(name):
             raise ValueError(f"{path} is a pointer, not a checkpoint; it cannot be removed")
-        _delete(manager, name)
+        manager.delete(name)
 
     def teardown(self) -> None:
         """Wait for saves in flight (raising the error of one that failed)."""
@@ -286,15 +286,6 @@ def _exists(manager: CheckpointManager, name: str) -> bool:
     return True
 
 
-def _delete(manager: CheckpointManager, name: str) -> None:
-    """Remove one checkpoint (no public CheckpointManager.delete yet: delete the manifest the sweeper's way)."""
-    delete = getattr(manager, "delete", None)
-    if callable(delete):
-        delete(name)
-        return
-    manager.wait()
-    manager.sweeper.remove_checkpoints([name], SweepReport())
-    getattr(manager, "_manifests", {}).pop(name, None)  # forget the cached manifest of the deleted name
 
 
 def _candidates(manager: CheckpointManager, name: str, path: Any) -> list[str]:

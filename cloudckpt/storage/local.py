@@ -36,6 +36,7 @@ from .base import (
 _TMP_MARK = ".cloudckpt-tmp-"
 _LOCK_SUFFIX = ".cloudckpt-lock"
 _UPLOADS_DIR = ".cloudckpt-uploads"
+_TMP_UPLOAD = "tmp:"  # upload ids of leftover temporary files
 
 
 def _path_from_url(url: str) -> Path:
@@ -225,6 +226,7 @@ class LocalStorage(Storage):
         self.delete(keys)
 
     def list_pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        """Unfinished multipart uploads, and temporary files of writes a killed process never finished."""
         uploads = self.root / _UPLOADS_DIR
         pending = []
         if uploads.is_dir():
@@ -234,9 +236,28 @@ class LocalStorage(Storage):
                     started = _dt.datetime.fromtimestamp(staging.stat().st_mtime, _dt.timezone.utc)
                     if key.startswith(prefix):
                         pending.append(PendingUpload(key, staging.name, started))
+        start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        for dirpath, dirnames, filenames in os.walk(start):
+            here = Path(dirpath)
+            dirnames[:] = [d for d in dirnames if not (here == self.root and d == _UPLOADS_DIR)]
+            for name in filenames:
+                if _TMP_MARK not in name or not name.startswith("."):
+                    continue
+                final = name[1:name.index(_TMP_MARK)]
+                key = (here / final).relative_to(self.root).as_posix()
+                with contextlib.suppress(FileNotFoundError):
+                    started = _dt.datetime.fromtimestamp((here / name).stat().st_mtime, _dt.timezone.utc)
+                    if key.startswith(prefix):
+                        pending.append(PendingUpload(key, _TMP_UPLOAD + (here / name).relative_to(self.root).as_posix(),
+                                                     started))
         return pending
 
     def abort_pending_upload(self, pending: PendingUpload) -> None:
+        if pending.upload_id.startswith(_TMP_UPLOAD):
+            tmp = self.root / check_key(pending.upload_id[len(_TMP_UPLOAD):])
+            if _TMP_MARK in tmp.name:
+                tmp.unlink(missing_ok=True)
+            return
         shutil.rmtree(self.root / _UPLOADS_DIR / check_key(pending.upload_id), ignore_errors=True)
 
 

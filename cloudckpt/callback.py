@@ -138,6 +138,7 @@ class CheckpointCallback(Callback):
         self.resumed_from: CheckpointInfo | None = None
         self._last_saved_step: int | None = None
         self._last_save_had_metrics = False
+        self._warned_missing_metric = False
         self._last_save_time = clock()
 
     # -- hooks -------------------------------------------------------------------
@@ -251,8 +252,11 @@ class CheckpointCallback(Callback):
     def _improves(self, metrics: Mapping[str, float]) -> bool:
         value = metrics.get(self.monitor)
         if value is None:
-            log.warning("monitored metric %r missing from epoch metrics %s; not a new best",
-                        self.monitor, sorted(metrics))
+            if not self._warned_missing_metric:  # once: a run without validation would say it every epoch
+                log.warning("monitored metric %r missing from epoch metrics %s; no best-model tracking "
+                            "(pass save_best=False, or report %r from validation)",
+                            self.monitor, sorted(metrics), self.monitor)
+                self._warned_missing_metric = True
             return False
         value = float(value)
         if math.isnan(value):

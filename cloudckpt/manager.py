@@ -159,7 +159,11 @@ class CheckpointManager:
             self.catalog.remember(manifest)
             pointers = self._move_pointers(manifest)
             if self.retention is not None:
-                self.prune()
+                try:
+                    self.prune()
+                except CloudCkptError as exc:  # the checkpoint is committed; cleanup retries next time
+                    log.error("retention after %s failed (it will be retried after the next save): %s",
+                              manifest.name, exc)
         return CheckpointInfo.of(manifest, pointers, stats)
 
     def _with_rng(self, state: Mapping[str, Any]) -> dict[str, Any]:

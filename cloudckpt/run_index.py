@@ -61,14 +61,13 @@ def _is_entry(entry: Any) -> bool:
 
 
 def forget(body: dict[str, Any], names: set[str]) -> dict[str, Any]:
-    """Drop removed checkpoints from the index, the best history and the pins."""
+    """Drop removed checkpoints from the index and the pins.  The best history keeps them: it is
+    the record of the run's best values, whether or not their checkpoints were kept."""
     index = _field(body, "checkpoints", dict)
     for name in names:
         index.pop(name, None)
-    histories = _field(body, "best_history", dict)
-    for metric, history in list(histories.items()):
-        if isinstance(history, list):
-            histories[metric] = [h for h in history if not (isinstance(h, dict) and h.get("name") in names)]
+    if body.get("pinned") is not None:
+        body["pinned"] = sorted(pins(body) - names)
     return body
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal
 
 from . import run_index
+from .errors import PermissionDenied
 from .format.manifest import Manifest
 from .pointers import STATE_KEY, update_json
 from .storage.base import Storage
@@ -105,18 +106,12 @@ class Sweeper:
         listed = self.store.list(CHUNK_PREFIX)
         referenced = live_chunks()
         self._marked -= referenced  # re-uploaded since it was marked: a candidate again once unreferenced
-        unreferenced = []
-        for info in listed:
-            if info.key in referenced or info.key in self._marked:
-                continue
-            if info.last_modified is not None and now - info.last_modified < self.config.grace:
-                report.chunks_too_young += 1
-                continue
-            unreferenced.append(info)
+        unreferenced = [i for i in listed if i.key not in referenced and i.key not in self._marked]
         since = self._unreferenced_since({i.key for i in unreferenced}, now, report.dry_run)
         garbage = []
         for info in unreferenced:
-            if now - since[info.key] < self.config.grace:
+            uploaded = info.last_modified or since[info.key]
+            if now - uploaded < self.config.grace or now - since[info.key] < self.config.grace:
                 report.chunks_too_young += 1
             else:
                 garbage.append(info)
@@ -151,7 +146,13 @@ class Sweeper:
     def abort_stale_uploads(self, report: SweepReport) -> None:
         """Abort uploads older than ``stale_upload_age`` (left by crashed writers), anywhere in the root."""
         now = self.config.clock()
-        for pending in self.store.list_pending_uploads(""):
+        try:
+            pending_uploads = self.store.list_pending_uploads("")
+        except PermissionDenied as exc:
+            log.warning("cannot list unfinished uploads (%s); grant s3:ListBucketMultipartUploads and "
+                        "s3:AbortMultipartUpload so that abandoned uploads are cleaned up", exc)
+            return
+        for pending in pending_uploads:
             if pending.initiated is not None and now - pending.initiated >= self.config.stale_upload_age:
                 if not report.dry_run:
                     self.store.abort_pending_upload(pending)

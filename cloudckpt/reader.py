@@ -72,6 +72,30 @@ class ChunkFetcher:
             raise CorruptCheckpoint(f"{where}: chunk content does not match its BLAKE3 name")
         return memoryview(data)
 
+    def fetch_into(self, ref: ChunkRef, dest: memoryview) -> None:
+        """Read an uncompressed chunk straight into ``dest`` (exactly its size), then verify it there.
+
+        Saves a copy when a chunk holds one tensor's bytes; on a failed check ``dest`` holds the
+        damaged bytes and the error says so.
+        """
+        where = f"{self.store.url}/{ref.key}"
+        step = self.transfer.range_size
+
+        def read(start: int) -> None:
+            end = min(start + step, ref.size)
+            if self.store.read_into(ref.key, dest[start:end], start) != end - start:
+                raise CorruptCheckpoint(f"{where}: chunk is shorter than the {ref.size} bytes the manifest says")
+
+        try:
+            for future in [self._ranges.submit(read, s) for s in range(0, ref.size, step)]:
+                future.result()
+        except NotFound as exc:
+            raise CorruptCheckpoint(f"{where}: chunk is missing (referenced by the manifest)") from exc
+        if crc32c_hex(dest) != ref.crc32c:
+            raise CorruptCheckpoint(f"{where}: chunk CRC32C mismatch; the stored bytes are damaged")
+        if self.full and blake3_hex(dest) != ref.hash:
+            raise CorruptCheckpoint(f"{where}: chunk content does not match its BLAKE3 name")
+
     def _download(self, ref: ChunkRef) -> bytes | bytearray:
         step = self.transfer.range_size
         if ref.size <= step:
@@ -171,12 +195,19 @@ def read_tensors(
     lock = threading.Lock()
 
     def read_chunk(index: int) -> None:
-        data = fetcher.fetch(manifest.chunks[index])
-        for tensor_index, chunk_offset, tensor_offset, length in by_chunk[index]:
-            views[tensor_index][tensor_offset : tensor_offset + length] = data[chunk_offset : chunk_offset + length]
+        ref, pieces = manifest.chunks[index], by_chunk[index]
+        if len(pieces) == 1 and pieces[0][1] == 0 and pieces[0][3] == ref.size == ref.raw_size:
+            tensor_index, _, tensor_offset, length = pieces[0]  # one tensor's bytes: read in place
+            fetcher.fetch_into(ref, views[tensor_index][tensor_offset : tensor_offset + length])
+            data_length = length
+        else:
+            data = fetcher.fetch(ref)
+            for tensor_index, chunk_offset, tensor_offset, length in pieces:
+                views[tensor_index][tensor_offset : tensor_offset + length] = data[chunk_offset : chunk_offset + length]
+            data_length = len(data)
         with lock:
             stats.chunks_read += 1
-            stats.bytes_read += len(data)
+            stats.bytes_read += data_length
 
     try:
         with ThreadPoolExecutor(max_workers=transfer.concurrency, thread_name_prefix="cloudckpt-read") as pool:

@@ -176,6 +176,15 @@ class Storage(abc.ABC):
     def mark_expired(self, keys: Iterable[str]) -> None:
         """Flag ``keys`` for removal by the bucket's lifecycle rule (see cloudckpt.retention)."""
 
+    def read_into(self, key: str, buffer: memoryview, offset: int = 0) -> int:
+        """Read bytes ``[offset, offset + len(buffer))`` of the object into ``buffer``; return how many.
+
+        Backends that can read straight into caller memory override this to save a copy.
+        """
+        data = self.get(key, range=(offset, offset + len(buffer)))
+        buffer[: len(data)] = data
+        return len(data)
+
     def list_pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
         """Multipart uploads started under ``prefix`` that were never completed or aborted."""
         return []

@@ -115,6 +115,9 @@ class FaultyStorage(Storage):
     def get(self, key: str, range: tuple[int, int] | None = None) -> bytes:
         return self._run("get", key, lambda: self.inner.get(key, range))
 
+    def read_into(self, key: str, buffer: memoryview, offset: int = 0) -> int:
+        return self._run("get", key, lambda: self.inner.read_into(key, buffer, offset))
+
     def head(self, key: str) -> ObjectInfo:
         return self._run("head", key, lambda: self.inner.head(key))
 

@@ -174,6 +174,18 @@ class LocalStorage(Storage):
             fh.seek(range[0])
             return fh.read(range[1] - range[0])
 
+    def read_into(self, key: str, buffer: memoryview, offset: int = 0) -> int:
+        """Read straight from the file into ``buffer`` (no intermediate bytes object)."""
+        with _translate("get", key, self.url), open(self._path(key), "rb", buffering=0) as fh:
+            fh.seek(offset)
+            view, done = memoryview(buffer).cast("B"), 0
+            while done < len(view):
+                n = fh.readinto(view[done:])
+                if not n:
+                    break
+                done += n
+            return done
+
     def head(self, key: str) -> ObjectInfo:
         with _translate("head", key, self.url):
             path = self._path(key)

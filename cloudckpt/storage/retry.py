@@ -113,6 +113,9 @@ class RetryingStorage(Storage):
     def get(self, key: str, range: tuple[int, int] | None = None) -> bytes:
         return self._call(f"get {key!r}", lambda: self.inner.get(key, range))
 
+    def read_into(self, key: str, buffer: memoryview, offset: int = 0) -> int:
+        return self._call(f"get {key!r}", lambda: self.inner.read_into(key, buffer, offset))
+
     def head(self, key: str) -> ObjectInfo:
         return self._call(f"head {key!r}", lambda: self.inner.head(key))
 

@@ -263,3 +263,13 @@ def test_non_recursive_listing_stops_at_the_next_slash(store):
     assert [i.key for i in store.list("", recursive=False)] == ["a.ckpt", "b.ckpt", "best_model_x.ckpt"]
     assert [i.key for i in store.list("best_", recursive=False)] == ["best_model_x.ckpt"]
     assert [i.key for i in store.list("chunks/aa/", recursive=False)] == ["chunks/aa/1"]
+
+
+def test_read_into_fills_caller_memory(store):
+    store.put("r", b"0123456789")
+    buffer = bytearray(4)
+    assert store.read_into("r", memoryview(buffer), 3) == 4 and buffer == b"3456"
+    tail = bytearray(6)
+    assert store.read_into("r", memoryview(tail), 8) == 2 and tail[:2] == b"89"
+    with pytest.raises(NotFound):
+        store.read_into("missing", memoryview(bytearray(1)))

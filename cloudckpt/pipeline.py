@@ -41,7 +41,7 @@ else:  # pragma: no cover - other Pythons
 
 
 #: Nice value of background save threads (and the upload threads they start, which inherit it).
-BACKGROUND_NICENESS = 10
+BACKGROUND_NICENESS = 19
 
 
 def _yield_cpu_to_training() -> None:

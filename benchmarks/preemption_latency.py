@@ -94,6 +94,8 @@ def main() -> int:
 
                 from servers import AWS_TEST_ENV
 
+                for name, value in AWS_TEST_ENV.items():
+                    os.environ.setdefault(name, value)
                 server = server or MotoProcess()
                 root = f"s3://{server.new_bucket()}/run"
                 env = {**AWS_TEST_ENV, "BENCH_STORAGE_OPTIONS": json.dumps({"endpoint_url": server.endpoint_url})}

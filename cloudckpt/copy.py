@@ -29,7 +29,6 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +51,7 @@ from .pointers import (
     read_pointer,
     update_json,
 )
+from .parallel import run_parallel
 from .reader import ChunkFetcher
 from .storage.base import ObjectInfo, Storage, upload_multipart
 from .storage.lifecycle import CHUNK_PREFIX
@@ -216,16 +216,7 @@ class Copier:
                 progress(ref.size, total)
 
         try:
-            with ThreadPoolExecutor(max_workers=self.transfer.concurrency,
-                                    thread_name_prefix="cloudckpt-copy") as pool:
-                futures = [pool.submit(copy_one, ref) for ref in todo]
-                try:
-                    for future in futures:
-                        future.result()
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
+            run_parallel(copy_one, todo, workers=self.transfer.concurrency, name="cloudckpt-copy")
         finally:
             fetcher.close()
 

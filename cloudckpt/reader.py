@@ -20,6 +20,7 @@ from .format.compression import decompress
 from .format.dtypes import TensorRecord, empty_from_record, tensor_bytes
 from .format.manifest import ChunkRef, Manifest, parse_manifest
 from .hashing import blake3_hex, crc32c_hex
+from .parallel import run_parallel
 from .storage.base import Storage
 from .transfer import TransferConfig
 
@@ -135,8 +136,7 @@ def check_chunk_sizes(store: Storage, manifest: Manifest, indices: list[int], tr
         if size != ref.size:
             raise CorruptCheckpoint(f"{where}: chunk has {size} bytes, {manifest.name} says {ref.size}")
 
-    with ThreadPoolExecutor(max_workers=transfer.concurrency, thread_name_prefix="cloudckpt-head") as pool:
-        list(pool.map(check, indices))
+    run_parallel(check, indices, workers=transfer.concurrency, name="cloudckpt-head")
 
 
 def _compatible(dest: torch.Tensor | None, record: TensorRecord) -> bool:
@@ -210,15 +210,7 @@ def read_tensors(
             stats.bytes_read += data_length
 
     try:
-        with ThreadPoolExecutor(max_workers=transfer.concurrency, thread_name_prefix="cloudckpt-read") as pool:
-            futures = [pool.submit(read_chunk, index) for index in sorted(by_chunk)]
-            try:
-                for future in futures:
-                    future.result()
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        run_parallel(read_chunk, sorted(by_chunk), workers=transfer.concurrency, name="cloudckpt-read")
     finally:
         fetcher.close()
     for i, host in hosts.items():
@@ -230,12 +222,9 @@ def read_tensors(
 def verify_chunks(store: Storage, manifest: Manifest, transfer: TransferConfig) -> ReadStats:
     """Re-read every chunk of ``manifest`` and check size, CRC32C and BLAKE3; raise on the first failure."""
     fetcher = ChunkFetcher(store, transfer, full=True)
-    stats = ReadStats()
     try:
-        with ThreadPoolExecutor(max_workers=transfer.concurrency, thread_name_prefix="cloudckpt-verify") as pool:
-            for data in pool.map(fetcher.fetch, manifest.chunks):
-                stats.chunks_read += 1
-                stats.bytes_read += len(data)
+        sizes = run_parallel(lambda ref: len(fetcher.fetch(ref)), manifest.chunks, workers=transfer.concurrency,
+                             name="cloudckpt-verify")
     finally:
         fetcher.close()
-    return stats
+    return ReadStats(chunks_read=len(sizes), bytes_read=sum(sizes))

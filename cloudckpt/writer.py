@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ from .format.manifest import ChunkRef, Manifest, TensorEntry, chunk_key
 from .format.compression import compress
 from .format.serialize import ChunkPlan, plan_chunks
 from .hashing import blake3_hex, crc32c_hex
+from .parallel import run_parallel
 from .storage.base import Storage, upload_multipart
 from .transfer import TransferConfig
 
@@ -138,15 +138,8 @@ def upload_tensors(
                        pack_size=transfer.pack_size)
     views = [tensor_bytes(t) for t in tensors]
     uploader = ChunkUploader(store, transfer, known_chunks)
-    with ThreadPoolExecutor(max_workers=transfer.concurrency, thread_name_prefix="cloudckpt-upload") as pool:
-        futures = [pool.submit(lambda i=i: uploader.upload(_chunk_bytes(plan, i, views)))
-                   for i in range(len(plan.chunks))]
-        try:
-            chunks = [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    chunks = run_parallel(lambda i: uploader.upload(_chunk_bytes(plan, i, views)), range(len(plan.chunks)),
+                          workers=transfer.concurrency, name="cloudckpt-upload")
     entries = [
         TensorEntry(dtype=record.dtype, shape=tuple(record.shape),
                     device=devices[i] if devices else record.device,

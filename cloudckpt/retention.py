@@ -15,6 +15,7 @@ policy too.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -33,11 +34,12 @@ class RetentionContext:
     mode: str = "min"
 
 
-class RetentionPolicy:
+class RetentionPolicy(abc.ABC):
     """Base of the built-in policies: ``keep`` returns the names to keep."""
 
+    @abc.abstractmethod
     def keep(self, infos: Infos, context: RetentionContext) -> set[str]:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """The names of ``infos`` this policy keeps."""
 
     def __call__(self, infos: Infos, context: RetentionContext | None = None) -> set[str]:
         return self.keep(infos, context or RetentionContext())

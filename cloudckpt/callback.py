@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal, Mapping
 from .manager import CheckpointInfo, CheckpointManager
 from .pointers import is_better
 from .preemption import Preempted, PreemptionWatcher
-from .retention import KeepBestK, KeepLastN, RetentionPolicy
+from .retention import RetentionPolicy, rolling_window
 from .storage.base import Storage
 from .sweeper import SweepConfig
 from .transfer import TransferConfig
@@ -114,10 +114,7 @@ class CheckpointCallback(Callback):
             raise ValueError(f"save_every_seconds must be positive, got {save_every_seconds!r}")
         if on_save_error not in ("raise", "warn"):
             raise ValueError(f"on_save_error must be 'raise' or 'warn', got {on_save_error!r}")
-        if retention is not None and keep_last_n is not None:
-            raise ValueError("give keep_last_n or retention, not both")
-        if retention is None and keep_last_n is not None:
-            retention = KeepLastN(keep_last_n) | KeepBestK(1) if save_best else KeepLastN(keep_last_n)
+        retention = rolling_window(keep_last_n, retention, keep_best=save_best)
         self.manager = manager or CheckpointManager(
             checkpoint_dir, monitor=monitor, mode=mode, retention=retention, async_save=async_save,
             storage_options=storage_options, transfer=transfer, cleanup=cleanup,

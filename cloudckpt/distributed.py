@@ -55,8 +55,8 @@ from .errors import (
     NotFound,
 )
 from .format.manifest import ChunkRef, Manifest, TensorEntry, check_manifest_name
-from .format.serialize import Segment, flatten
-from .manager import CheckpointInfo, CheckpointManager
+from .format.serialize import Segment, flatten, has_pickled_leaves
+from .manager import CheckpointInfo, CheckpointManager, metric_value
 from .pointers import is_pointer_key
 from .reader import load_manifest
 from .state import RNG_KEY, RNGState
@@ -250,7 +250,7 @@ class DistributedCheckpointManager:
                                   self.manager.known_chunks(), devices=[str(t.device) for t in flat.tensors])
         entries, chunks = uploaded.tensors, uploaded.chunks
         return _RankUpload(name=name, step=step, tree=flat.tree, tensors=entries, chunks=chunks,
-                           pickled=self.allow_pickle and _has_pickle(flat.tree), stats=uploaded.stats)
+                           pickled=self.allow_pickle and has_pickled_leaves(flat.tree), stats=uploaded.stats)
 
     def _split(self, state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         if not isinstance(state, Mapping):
@@ -317,7 +317,7 @@ class DistributedCheckpointManager:
             name=gathered[0].name, step=gathered[0].step, epoch=epoch, reason=reason,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z"),
             state={**shared, RANKS_KEY: rank_trees}, tensors=tensors, chunks=chunks,
-            metrics={str(k): _metric(k, v) for k, v in (metrics or {}).items()},
+            metrics={str(k): metric_value(k, v) for k, v in (metrics or {}).items()},
             compression=self.transfer.compression, library_version=__version__, host=socket.gethostname(),
             config={**self.manager.config, CONFIG_KEY: {"world_size": len(gathered),
                                                         "replicated": list(self.replicated)}},
@@ -439,20 +439,5 @@ def _shift_tensors(tree: Any, offset: int) -> Any:
     return tree
 
 
-def _metric(name: Any, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    try:
-        return float(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}") from exc
 
 
-def _has_pickle(tree: Any) -> bool:
-    if isinstance(tree, dict):
-        return "__pickle__" in tree or any(_has_pickle(v) for v in tree.values())
-    if isinstance(tree, list):
-        return any(_has_pickle(v) for v in tree)
-    return False

@@ -17,7 +17,7 @@ from . import __version__, run_index
 from .catalog import UNUSABLE, Catalog, CheckpointInfo, Which
 from .errors import CloudCkptError, CorruptCheckpoint, NotFound
 from .format.manifest import ChunkRef, Manifest, check_manifest_name
-from .format.serialize import StateDict, flatten, unflatten
+from .format.serialize import StateDict, flatten, has_pickled_leaves, unflatten
 from .pipeline import BackgroundSaver, SaveHandle
 from .pointers import (
     LATEST_POINTER,
@@ -124,14 +124,14 @@ class CheckpointManager:
         name = check_manifest_name(name or f"checkpoint_step_{step:08d}.ckpt")
         if is_pointer_key(name):
             raise ValueError(f"{name!r} is reserved for a pointer object; choose another checkpoint name")
-        metrics = {str(k): _as_metric(k, v) for k, v in (metrics or {}).items()}
+        metrics = {str(k): metric_value(k, v) for k, v in (metrics or {}).items()}
         flat = flatten(self._with_rng(state), allow_pickle=self.allow_pickle)
         devices = [str(t.device) for t in flat.tensors]
         metadata = dict(
             step=step, epoch=epoch, reason=reason, metrics=metrics,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z"),
             library_version=__version__, host=socket.gethostname(), config=self.config,
-            pickled=self.allow_pickle and _has_pickle(flat.tree),
+            pickled=self.allow_pickle and has_pickled_leaves(flat.tree),
         )
         if self._saver is None:
             snapshot = Snapshot([host_copy(t) for t in flat.tensors], 0)
@@ -472,7 +472,8 @@ class _UnreadableManifest(CloudCkptError):
     pass
 
 
-def _as_metric(name: Any, value: Any) -> float | None:
+def metric_value(name: Any, value: Any) -> float | None:
+    """A reported metric as a float (tensors and numpy scalars too); TypeError for anything else."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
@@ -504,14 +505,6 @@ def _tensor_indices(tree: Any) -> set[int]:
 
     walk(tree)
     return found
-
-
-def _has_pickle(tree: Any) -> bool:
-    if isinstance(tree, dict):
-        return "__pickle__" in tree or any(_has_pickle(v) for v in tree.values())
-    if isinstance(tree, list):
-        return any(_has_pickle(v) for v in tree)
-    return False
 
 
 def _plain(value: Any) -> Any:

@@ -184,3 +184,18 @@ def as_policy(policy: RetentionPolicy | Callable[[Infos], set[str]] | None) -> R
     if callable(policy):
         return Custom(policy)
     raise TypeError(f"retention must be a policy or a callable returning names to keep, got {policy!r}")
+
+
+def rolling_window(keep_last_n: int | None, retention: RetentionPolicy | Callable[[Infos], set[str]] | None,
+                   *, keep_best: bool) -> RetentionPolicy | Callable[[Infos], set[str]] | None:
+    """The policy that callbacks' ``keep_last_n=N`` means: the newest N, plus the best when tracked.
+
+    ``retention`` passes through when ``keep_last_n`` is None; giving both is an error.
+    """
+    if keep_last_n is None:
+        return retention
+    if retention is not None:
+        raise ValueError("give keep_last_n or retention, not both")
+    if not isinstance(keep_last_n, int) or isinstance(keep_last_n, bool) or keep_last_n < 1:
+        raise ValueError(f"keep_last_n must be a positive integer or None, got {keep_last_n!r}")
+    return KeepLastN(keep_last_n) | KeepBestK(1) if keep_best else KeepLastN(keep_last_n)

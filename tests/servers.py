@@ -71,3 +71,26 @@ class FakeGCS:
 
     def stop(self) -> None:
         self._server.stop()
+
+
+def make_store(kind: str, request, tmp_path, prefix: str = "runs/exp"):
+    """A fresh, empty store of ``kind``: memory, local, s3 or gcs (a new bucket on the session's server)."""
+    if kind == "memory":
+        from cloudckpt.storage import MemoryStorage
+
+        return MemoryStorage()
+    if kind == "local":
+        from cloudckpt.storage.local import LocalStorage
+
+        return LocalStorage(tmp_path / "root")
+    if kind == "s3":
+        from cloudckpt.storage.s3 import S3Storage
+
+        server = request.getfixturevalue("moto_s3")
+        return S3Storage(server.new_bucket(), prefix, endpoint_url=server.endpoint_url)
+    if kind == "gcs":
+        from cloudckpt.storage.gcs import GCSStorage
+
+        server = request.getfixturevalue("fake_gcs")
+        return GCSStorage(server.new_bucket(), prefix, endpoint_url=server.endpoint_url)
+    raise ValueError(f"unknown store kind {kind!r}")

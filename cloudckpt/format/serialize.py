@@ -516,3 +516,12 @@ class _Planner:
         self.plan.chunks[chunk_index].append(Slice(tensor_index, tensor_offset, chunk_offset, length))
         self.plan.segments[tensor_index].append(Segment(chunk_index, chunk_offset, tensor_offset, length))
         self._fill[chunk_index] += length
+
+
+def has_pickled_leaves(tree: Any) -> bool:
+    """Whether a flattened tree holds any ``__pickle__`` leaf (saved with ``allow_pickle=True``)."""
+    if isinstance(tree, dict):
+        return "__pickle__" in tree or any(has_pickled_leaves(v) for v in tree.values())
+    if isinstance(tree, list):
+        return any(has_pickled_leaves(v) for v in tree)
+    return False

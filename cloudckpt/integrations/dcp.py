@@ -54,7 +54,7 @@ import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future as _PyFuture
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
@@ -147,7 +147,38 @@ def _validate_checkpoint_id(checkpoint_id: str | os.PathLike[str]) -> bool:
     return str(checkpoint_id).startswith(_SCHEMES)
 
 
-class CloudStorageWriter(StorageWriter):
+_L = TypeVar("_L", bound="_AtLocation")
+
+
+class _AtLocation:
+    """What the writer and the reader share: the store of one checkpoint location."""
+
+    _location: _Location
+
+    @property
+    def store(self) -> Storage:
+        return self._location.store
+
+    @property
+    def checkpoint_id(self) -> str:
+        """The URL of the checkpoint."""
+        return self.store.url
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return _validate_checkpoint_id(checkpoint_id)
+
+    def close(self) -> None:
+        self._location.close()
+
+    def __enter__(self: _L) -> _L:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CloudStorageWriter(_AtLocation, StorageWriter):
     """A DCP StorageWriter that stores a checkpoint under a cloudckpt location (``s3://``, ``gs://``, a path ...).
 
     ``root_or_store`` is the checkpoint's own location (one per checkpoint), or a
@@ -174,15 +205,6 @@ class CloudStorageWriter(StorageWriter):
         self.save_id = str(uuid.uuid4())
         self.is_coordinator = False
         self.rank: int | None = None
-
-    @property
-    def store(self) -> Storage:
-        return self._location.store
-
-    @property
-    def checkpoint_id(self) -> str:
-        """The URL the checkpoint is written to."""
-        return self.store.url
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self._location.reset(checkpoint_id)
@@ -274,21 +296,9 @@ class CloudStorageWriter(StorageWriter):
         return (f"{self.store.url}/{METADATA_KEY}: a DCP checkpoint is already committed there; it was kept "
                 "as it is. Save to another location (checkpoint_id), or delete that one first")
 
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return _validate_checkpoint_id(checkpoint_id)
-
-    def close(self) -> None:
-        self._location.close()
-
-    def __enter__(self) -> CloudStorageWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
-class CloudStorageReader(StorageReader):
+class CloudStorageReader(_AtLocation, StorageReader):
     """A DCP StorageReader for checkpoints written by :class:`CloudStorageWriter`.
 
     Every chunk is checked (size, CRC32C; and its BLAKE3 name with
@@ -318,14 +328,6 @@ class CloudStorageReader(StorageReader):
         self.full_verify = full_verify
         self.load_id = str(uuid.uuid4())
         self.storage_data: dict[MetadataIndex, ItemLocation] = {}
-
-    @property
-    def store(self) -> Storage:
-        return self._location.store
-
-    @property
-    def checkpoint_id(self) -> str:
-        return self.store.url
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self._location.reset(checkpoint_id)
@@ -471,18 +473,6 @@ class CloudStorageReader(StorageReader):
         target.copy_(source)
         planner.commit_tensor(request, target)
 
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return _validate_checkpoint_id(checkpoint_id)
-
-    def close(self) -> None:
-        self._location.close()
-
-    def __enter__(self) -> CloudStorageReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class _ChunkCache:

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from ..manager import CheckpointInfo, CheckpointManager
-from ..retention import KeepBestK, KeepLastN
+from ..retention import rolling_window
 from ..storage.base import Storage
 from ..transfer import TransferConfig
 
@@ -90,12 +90,7 @@ class CloudCheckpointCallback(TrainerCallback):
         transfer: TransferConfig | None = None,
         manager: CheckpointManager | None = None,
     ) -> None:
-        if keep_last_n is not None and (not isinstance(keep_last_n, int) or keep_last_n < 1):
-            raise ValueError(f"keep_last_n must be a positive integer or None, got {keep_last_n!r}")
-        if retention is not None and keep_last_n is not None:
-            raise ValueError("give keep_last_n or retention, not both")
-        if keep_last_n is not None:
-            retention = KeepLastN(keep_last_n) | KeepBestK(1) if monitor else KeepLastN(keep_last_n)
+        retention = rolling_window(keep_last_n, retention, keep_best=monitor is not None)
         # The random generators are stored in the Trainer's own layout (see _rng_state), not cloudckpt's.
         self.manager = manager or CheckpointManager(
             root, monitor=monitor, mode=mode, retention=retention, async_save=async_save,

@@ -70,7 +70,7 @@ from ..errors import CloudCkptError, CorruptCheckpoint, FormatVersionError, NotF
 from ..format.serialize import UnsupportedValue
 from ..manager import CheckpointInfo, CheckpointManager
 from ..pointers import BEST_POINTER_PREFIX, LATEST_POINTER, is_pointer_key, read_pointer
-from ..retention import KeepBestK, KeepLastN
+from ..retention import rolling_window
 from ..storage.base import Storage
 from ..transfer import TransferConfig
 
@@ -353,10 +353,7 @@ class CloudCheckpointCallback(Checkpoint):
                              ("keep_last_n", keep_last_n)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{label} must be a positive integer or None, got {value!r}")
-        if retention is not None and keep_last_n is not None:
-            raise ValueError("give keep_last_n or retention, not both")
-        if keep_last_n is not None:
-            retention = KeepLastN(keep_last_n) | KeepBestK(1) if monitor else KeepLastN(keep_last_n)
+        retention = rolling_window(keep_last_n, retention, keep_best=monitor is not None)
         self.manager = manager or CheckpointManager(
             root, monitor=monitor, mode=mode, retention=retention, async_save=async_save,
             storage_options=storage_options, transfer=transfer, allow_pickle=allow_pickle,

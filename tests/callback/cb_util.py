@@ -15,11 +15,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from servers import make_store  # noqa: F401  (re-exported for the tests)
 
 from cloudckpt import CheckpointInfo, CheckpointManager, Trainer
 from cloudckpt.callback import Callback
 from cloudckpt.pointers import LATEST_POINTER, STATE_KEY, best_pointer_key, read_pointer
-from cloudckpt.storage import MemoryStorage, Storage
+from cloudckpt.storage import Storage
 from cloudckpt.storage.lifecycle import CHUNK_PREFIX
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -130,29 +131,6 @@ class Hook(Callback):
 
 
 # -- storage inspection -------------------------------------------------------------------------
-
-def make_store(kind: str, request, tmp_path, prefix: str = "runs/exp") -> Storage:
-    """A fresh, empty store of ``kind``; S3 and GCS get a new bucket on the session's test server."""
-    if kind == "memory":
-        return MemoryStorage()
-    if kind == "local":
-        from cloudckpt.storage.local import LocalStorage
-
-        return LocalStorage(tmp_path / "root")
-    if kind == "s3":
-        from cloudckpt.storage.s3 import S3Storage
-
-        server = request.getfixturevalue("moto_s3")
-        return S3Storage(server.new_bucket(), prefix, endpoint_url=server.endpoint_url)
-    if kind == "gcs":
-        from gcs_helpers import drain_server_log
-
-        from cloudckpt.storage.gcs import GCSStorage
-
-        server = request.getfixturevalue("fake_gcs")
-        drain_server_log(server)
-        return GCSStorage(server.new_bucket(), prefix, endpoint_url=server.endpoint_url)
-    raise ValueError(kind)
 
 
 def manifest_names(store: Storage) -> set[str]:

@@ -7,31 +7,8 @@ from typing import Any
 
 import torch
 
-from cloudckpt.storage import MemoryStorage, Storage
+from servers import make_store  # noqa: F401  (re-exported for the tests)
 
-
-def make_store(kind: str, request, tmp_path, prefix: str = "runs/exp") -> Storage:
-    """A fresh store of ``kind``; S3 and GCS each get a new bucket on the session's test server."""
-    if kind == "memory":
-        return MemoryStorage()
-    if kind == "local":
-        from cloudckpt.storage.local import LocalStorage
-
-        return LocalStorage(tmp_path / "root")
-    if kind == "s3":
-        from cloudckpt.storage.s3 import S3Storage
-
-        server = request.getfixturevalue("moto_s3")
-        return S3Storage(server.new_bucket(), prefix, endpoint_url=server.endpoint_url)
-    if kind == "gcs":
-        from gcs_helpers import drain_server_log
-
-        from cloudckpt.storage.gcs import GCSStorage
-
-        server = request.getfixturevalue("fake_gcs")
-        drain_server_log(server)  # fake-gcs-server blocks once its unread log pipe fills up
-        return GCSStorage(server.new_bucket(), prefix, endpoint_url=server.endpoint_url)
-    raise ValueError(kind)
 
 
 def raw_bytes(t: torch.Tensor) -> torch.Tensor:

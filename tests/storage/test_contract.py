@@ -8,30 +8,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from cloudckpt.errors import AlreadyExists, InvalidKey, NotFound, PreconditionFailed
-from cloudckpt.storage import IfMatch, MemoryStorage, Storage, upload_multipart
+from servers import make_store
+
+from cloudckpt.storage import IfMatch, Storage, upload_multipart
 
 BACKENDS = ["memory", "local", "s3", "gcs"]
 
 
 @pytest.fixture(params=BACKENDS)
 def store(request, tmp_path) -> Storage:
-    kind = request.param
-    if kind == "memory":
-        backend: Storage = MemoryStorage()
-    elif kind == "local":
-        from cloudckpt.storage.local import LocalStorage
-
-        backend = LocalStorage(tmp_path / "root")
-    elif kind == "s3":
-        from cloudckpt.storage.s3 import S3Storage
-
-        server = request.getfixturevalue("moto_s3")
-        backend = S3Storage(server.new_bucket(), "runs/exp", endpoint_url=server.endpoint_url)
-    else:
-        from cloudckpt.storage.gcs import GCSStorage
-
-        server = request.getfixturevalue("fake_gcs")
-        backend = GCSStorage(server.new_bucket(), "runs/exp", endpoint_url=server.endpoint_url)
+    backend = make_store(request.param, request, tmp_path)
     yield backend
     backend.close()
 

@@ -7,7 +7,8 @@ one may instead get it as a separate NAME argument, which may also be ``latest``
 a pointer (``best_model_val_loss.ckpt``) or a step number.
 
 Exit status: 0 success, 1 failure (an error, a failed verification), 2 a usage mistake
-(bad URL, bad option).  Errors are one line on stderr; ``--debug`` shows tracebacks.
+(bad URL, bad option), 141 when the reader of stdout went away (``| head``; quiet, as
+for a tool ended by SIGPIPE).  Errors are one line on stderr; ``--debug`` shows tracebacks.
 """
 
 from .app import EXIT_FAILURE, EXIT_USAGE, Failure, cli, main

@@ -6,10 +6,12 @@ Commands register themselves on :data:`cli` when their modules are imported (see
 from __future__ import annotations
 
 import logging
+import os
 import re
+import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -18,6 +20,9 @@ from ..errors import CloudCkptError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: Exit status when the reader of stdout went away (``cloudckpt show ROOT | head -2``): what a shell
+#: reports for a tool that SIGPIPE ended (128 + 13), with no message, as ``cat`` or ``grep`` behave.
+EXIT_BROKEN_PIPE = 128 + getattr(signal, "SIGPIPE", 13)
 
 #: Credential material the SDKs' debug logs contain: signing key ids, signatures, tokens.
 _SECRETS = re.compile(
@@ -51,6 +56,21 @@ class Failure(click.ClickException):
         click.echo(f"cloudckpt: error: {self.message}", err=True)
 
 
+def _exit_quietly_on_broken_pipe() -> NoReturn:
+    """stdout's reader is gone: send what is still buffered to /dev/null (the flush at exit would fail
+    again) and end without a word.  SIGPIPE itself stays ignored (Python's default), so a dropped
+    network connection is an error the retry logic sees, never a silent death of the process."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (tests, embedding)
+        pass
+    raise click.exceptions.Exit(EXIT_BROKEN_PIPE)
+
+
 class _Group(click.Group):
     """Turns the library's typed errors into one-line failures (tracebacks only with --debug)."""
 
@@ -59,6 +79,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except BrokenPipeError:
+            _exit_quietly_on_broken_pipe()
         except Exception as exc:
             if (ctx.obj or {}).get("debug"):
                 raise

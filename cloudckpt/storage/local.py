@@ -5,6 +5,11 @@ the final name atomically: ``os.replace`` for overwrite, ``os.link`` (which
 fails if the name exists, even under concurrent writers) for create.  A
 partial file never carries a final name.  Compare-and-swap holds an
 ``flock`` on a per-key lock file across the check and the rename.
+
+Nothing of this machinery stays in the root once the writes are done: a lock
+file is removed by its holder, and the multipart staging directory goes with
+its last upload (see :meth:`LocalStorage._key_lock` for why removing a lock
+file is safe).
 """
 
 from __future__ import annotations
@@ -50,6 +55,16 @@ def _path_from_url(url: str) -> Path:
 
 def _is_internal(name: str) -> bool:
     return _TMP_MARK in name or name.endswith(_LOCK_SUFFIX)
+
+
+def _names_open_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not removed or replaced since)."""
+    try:
+        named = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -134,13 +149,27 @@ class LocalStorage(Storage):
 
     @contextlib.contextmanager
     def _key_lock(self, final: Path) -> Iterator[None]:
+        """Hold an exclusive ``flock`` on the key's lock file; the file is gone again afterwards.
+
+        Only the holder removes the file, and it does so before unlocking.  A
+        process that was waiting may then own a lock on the removed file, so
+        after locking it checks that the path still names the file it holds,
+        and starts over on a fresh file if not: two holders can never overlap.
+        """
         lock_path = final.with_name(f".{final.name}{_LOCK_SUFFIX}")
-        with open(lock_path, "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        while True:
+            with open(lock_path, "a+b") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    if not _names_open_file(lock_path, lock.fileno()):
+                        continue  # its holder removed it while we waited
+                    try:
+                        yield
+                    finally:
+                        lock_path.unlink(missing_ok=True)
+                    return
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
 
     @staticmethod
     def _token(path: Path) -> str | None:
@@ -217,7 +246,6 @@ class LocalStorage(Storage):
             path = self._path(key)
             with _translate("delete", key, self.url):
                 path.unlink(missing_ok=True)
-                path.with_name(f".{path.name}{_LOCK_SUFFIX}").unlink(missing_ok=True)
 
     def copy(self, src: str, dst: str) -> ObjectInfo:
         source, final = self._path(src), self._path(dst)
@@ -229,7 +257,12 @@ class LocalStorage(Storage):
         check_key(key)
         upload_id = uuid.uuid4().hex
         staging = self.root / _UPLOADS_DIR / upload_id
-        staging.mkdir(parents=True)
+        for _ in range(100):
+            try:
+                staging.mkdir(parents=True)
+                break
+            except FileNotFoundError:  # another upload just removed the empty staging directory
+                continue
         (staging / "key").write_text(key)
         return _LocalUpload(self, key, mode, staging)
 
@@ -270,7 +303,7 @@ class LocalStorage(Storage):
             if _TMP_MARK in tmp.name:
                 tmp.unlink(missing_ok=True)
             return
-        shutil.rmtree(self.root / _UPLOADS_DIR / check_key(pending.upload_id), ignore_errors=True)
+        _remove_staging(self.root / _UPLOADS_DIR / check_key(pending.upload_id))
 
 
 class _LocalUpload(MultipartUpload):
@@ -308,5 +341,12 @@ class _LocalUpload(MultipartUpload):
             self.abort()
 
     def abort(self) -> None:
-        shutil.rmtree(self._staging, ignore_errors=True)
+        _remove_staging(self._staging)
+
+
+def _remove_staging(staging: Path) -> None:
+    """Remove one upload's staging directory, and the uploads directory once it is empty."""
+    shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty: other uploads are in progress
+        staging.parent.rmdir()
 

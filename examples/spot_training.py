@@ -1,7 +1,8 @@
 """Spot / preemptible training: SIGTERM -> checkpoint -> exit 75 -> resume bit-exactly in a new process.
 
     python examples/spot_training.py                  # the whole story, checkpoints under ckpts/spot
-    python examples/spot_training.py --s3             # the same against an in-process S3 server (moto)
+    python examples/spot_training.py --s3             # the same against an in-process S3 server (moto;
+                                                      # pip install 'cloudckpt[examples]')
     python examples/spot_training.py --worker [--root ROOT] [--preempt-at STEP]   # one training process
 
 The story runs this script's ``--worker`` mode as subprocesses:
@@ -260,9 +261,13 @@ def run_worker(
 @contextlib.contextmanager
 def s3_server() -> Iterator[tuple[str, dict[str, str]]]:
     """An in-process moto S3 server on a free loopback port; yields (endpoint, environment for children)."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError as exc:
+        raise SystemExit(f"--s3 runs an in-process S3 server, which needs moto: pip install 'cloudckpt[examples]' "
+                         f"(from a checkout: pip install -e '.[examples]')  [{exc}]") from None
     os.environ.update({k: os.environ.get(k, v) for k, v in FAKE_AWS_ENV.items()})
     os.environ.pop("AWS_PROFILE", None)
-    from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

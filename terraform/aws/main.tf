@@ -213,8 +213,9 @@ resource "aws_s3_bucket_lifecycle_configuration" "this" {
 data "aws_iam_policy_document" "checkpoint" {
   # Everything the library does to objects: reads (GetObject also covers HEAD and
   # ranged reads), conditional writes and multipart uploads (PutObject), server-side
-  # copies (GetObject + PutObject), deletes, lifecycle marks (PutObjectTagging) and
-  # aborting stale uploads.
+  # copies (GetObject + PutObject, and the tags they carry over), deletes, lifecycle
+  # marks (PutObjectTagging) and aborting stale uploads.  The library's own list is
+  # cloudckpt.storage.s3_permissions.S3_IAM_ACTIONS; a test keeps this policy equal to it.
   statement {
     sid    = "CheckpointObjects"
     effect = "Allow"
@@ -225,7 +226,6 @@ data "aws_iam_policy_document" "checkpoint" {
       "s3:PutObjectTagging",
       "s3:GetObjectTagging",
       "s3:AbortMultipartUpload",
-      "s3:ListMultipartUploadParts",
     ]
     resources = ["${aws_s3_bucket.this.arn}/${local.root_key_prefix}*"]
   }

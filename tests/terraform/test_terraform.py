@@ -30,6 +30,7 @@ from cloudckpt.storage.lifecycle import (
     EXPIRED_TAG_VALUE,
     GCS_EXPIRED_FIELD,
 )
+from cloudckpt.storage.s3_permissions import S3_BUCKET_ACTIONS, S3_IAM_ACTIONS, S3_OBJECT_ACTIONS
 
 hcl2 = pytest.importorskip("hcl2", reason="needs python-hcl2 (pip install python-hcl2)")
 
@@ -309,10 +310,7 @@ def test_aws_iam_policy_is_scoped_to_the_prefix(aws: Module):
 
     objects = [s for s in statements if "s3:PutObjectTagging" in s["actions"]]
     assert len(objects) == 1
-    assert set(objects[0]["actions"]) == {
-        "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:PutObjectTagging",
-        "s3:GetObjectTagging", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts",
-    }
+    assert sorted(objects[0]["actions"]) == sorted(S3_OBJECT_ACTIONS)  # the library's own list
     assert objects[0]["resources"] == [f"{bucket_arn}/{prefix}/*"]
 
     listing = [s for s in statements if "s3:ListBucket" in s["actions"]]
@@ -329,6 +327,8 @@ def test_aws_iam_policy_is_scoped_to_the_prefix(aws: Module):
     assert len(uploads) == 1
     assert uploads[0]["resources"] == [bucket_arn]
     assert uploads[0]["actions"] == ["s3:ListBucketMultipartUploads"]
+    granted = {a for s in statements for a in s["actions"] if a.startswith("s3:")}
+    assert granted == set(S3_IAM_ACTIONS) and {"s3:ListBucket", *uploads[0]["actions"]} == set(S3_BUCKET_ACTIONS)
 
     policy = aws.resource("aws_iam_policy", "checkpoint")
     assert policy["policy"] == "${data.aws_iam_policy_document.checkpoint.json}"

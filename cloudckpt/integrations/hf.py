@@ -25,7 +25,11 @@ checkpoint as a ``checkpoint-N`` folder the Trainer reads itself
 (``model.safetensors``, ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``,
 ``trainer_state.json``) and returns its path.  The ``.pt``/``.pth`` files are
 written here from verified data and the Trainer loads them with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``.  A folder the callback made in the system's
+temporary directory is removed as soon as the Trainer has read all of it (at
+its first training step, or when training ends), and at the latest when the
+callback is garbage-collected or the interpreter exits; a ``local_dir`` you
+pass is yours to keep.
 
 Not covered: DeepSpeed/FSDP sharded states, a mixed-precision GradScaler,
 and the per-rank random generators of multi-process runs (rank 0's are kept).
@@ -38,7 +42,9 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -98,6 +104,7 @@ class CloudCheckpointCallback(TrainerCallback):
         )
         self.monitor = monitor
         self.last_saved: CheckpointInfo | None = None
+        self._scratch: list[weakref.finalize] = []  # temporary resume folders, removed once read
 
     # -- TrainerCallback ------------------------------------------------------------------
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
@@ -123,8 +130,18 @@ class CloudCheckpointCallback(TrainerCallback):
         if isinstance(saved, CheckpointInfo):
             self.last_saved = saved
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # The Trainer reads the whole resume folder (the random generators last) before its first step.
+        self.remove_resume_folders()
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.remove_resume_folders()
         self.manager.wait()
+
+    def remove_resume_folders(self) -> None:
+        """Delete the temporary folders :meth:`resume_from_checkpoint` made (not a ``local_dir`` you passed)."""
+        while self._scratch:
+            self._scratch.pop()()
 
     # -- resuming ---------------------------------------------------------------------------
     def resume_from_checkpoint(self, local_dir: str | os.PathLike[str] | None = None,
@@ -136,9 +153,19 @@ class CloudCheckpointCallback(TrainerCallback):
         if which == "latest" and self.manager.latest() is None:
             return None
         state, info = self.manager.load(which)
-        base = Path(local_dir) if local_dir is not None else Path(tempfile.mkdtemp(prefix="cloudckpt-hf-"))
-        folder = base / f"checkpoint-{info.step}"
-        write_trainer_checkpoint(state, folder)
+        if local_dir is not None:
+            folder = Path(local_dir) / f"checkpoint-{info.step}"
+            write_trainer_checkpoint(state, folder)
+            return str(folder)
+        scratch = tempfile.mkdtemp(prefix="cloudckpt-hf-")
+        # Removed once the Trainer has read it, or when this callback goes away or the interpreter exits.
+        self._scratch.append(weakref.finalize(self, shutil.rmtree, scratch, ignore_errors=True))
+        folder = Path(scratch) / f"checkpoint-{info.step}"
+        try:
+            write_trainer_checkpoint(state, folder)
+        except BaseException:
+            self.remove_resume_folders()
+            raise
         return str(folder)
 
 

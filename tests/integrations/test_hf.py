@@ -3,7 +3,10 @@ crashes after a mid-epoch save, and resumes from S3 (moto) bit-identical to an u
 
 from __future__ import annotations
 
+import gc
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,7 +59,7 @@ def _losses(trainer) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
 
 
-def test_crash_and_resume_from_s3_is_bit_identical(moto_s3, tmp_path):
+def test_crash_and_resume_from_s3_is_bit_identical(moto_s3, tmp_path, monkeypatch):
     straight = _trainer(_model(0), tmp_path / "straight", [CloudCheckpointCallback(MemoryStorage())])
     straight.train()
     assert straight.state.global_step == STEPS
@@ -73,11 +76,16 @@ def test_crash_and_resume_from_s3_is_bit_identical(moto_s3, tmp_path):
         assert [i.name for i in mgr.list()] == [f"checkpoint_step_{CRASH_AT:08d}.ckpt"]  # keep_last_n=1
         assert b"__pickle__" not in mgr.store.get(f"checkpoint_step_{CRASH_AT:08d}.ckpt")
 
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
     callback = CloudCheckpointCallback(root, keep_last_n=1, storage_options=options)
     resumed = _trainer(_model(1), tmp_path / "resumed", [callback])  # other initial weights: all must be restored
-    local = callback.resume_from_checkpoint(tmp_path / "download")
+    local = callback.resume_from_checkpoint()
     assert local is not None and local.endswith(f"checkpoint-{CRASH_AT}")
+    assert Path(local).parent.parent == system_tmp and (Path(local) / "optimizer.pt").is_file()
     resumed.train(resume_from_checkpoint=local)
+    assert list(system_tmp.iterdir()) == [], "the resume folder (a full model + optimizer copy) was left behind"
 
     assert resumed.state.global_step == STEPS
     ref_losses, got_losses = _losses(straight), _losses(resumed)
@@ -98,3 +106,24 @@ def test_crash_and_resume_from_s3_is_bit_identical(moto_s3, tmp_path):
 
 def test_no_checkpoint_means_a_fresh_start(tmp_path):
     assert CloudCheckpointCallback(tmp_path / "empty").resume_from_checkpoint() is None
+
+
+def test_resume_folders_are_removed_unless_the_caller_chose_the_place(tmp_path, monkeypatch):
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    manager = CheckpointManager(MemoryStorage(), capture_rng=False)
+    manager.save({"model": {"w": torch.ones(2)}, "trainer_state": {"global_step": 3}}, step=3)
+    callback = CloudCheckpointCallback(None, manager=manager)
+    kept = callback.resume_from_checkpoint(tmp_path / "mine")
+    callback.resume_from_checkpoint()
+    callback.resume_from_checkpoint()
+    assert len(list(system_tmp.iterdir())) == 2
+    callback.remove_resume_folders()  # what the first training step (or the end of training) does
+    assert list(system_tmp.iterdir()) == [] and (Path(kept) / "model.safetensors").is_file()
+
+    callback.resume_from_checkpoint()  # training never started (it crashed before its first step)
+    assert len(list(system_tmp.iterdir())) == 1
+    del callback
+    gc.collect()
+    assert list(system_tmp.iterdir()) == []

@@ -8,8 +8,8 @@ Two pieces, usable together or apart::
     ckpt = CloudCheckpointCallback("s3://bucket/runs/exp1", monitor="val_loss", keep_last_n=3,
                                    storage_options={"endpoint_url": ...})
     trainer = L.Trainer(max_epochs=10, callbacks=[ckpt])
-    trainer.fit(model, datamodule, ckpt_path=ckpt.latest_path())   # None on the first run
-    trainer.test(model, datamodule, ckpt_path="best")               # the best by val_loss
+    trainer.fit(model, datamodule, ckpt_path="last")    # the root's latest checkpoint; none: a fresh start
+    trainer.test(model, datamodule, ckpt_path="best")   # the best by val_loss
 
 :class:`CloudCheckpointIO` is a Lightning ``CheckpointIO`` plugin: the dict
 Lightning builds (``state_dict``, ``optimizer_states``, ``lr_schedulers``,
@@ -19,14 +19,26 @@ error naming its place in the dict unless ``allow_pickle=True``.  A path
 ``<root>/<name>.ckpt`` is the checkpoint ``<name>.ckpt`` of the cloudckpt root
 ``<root>``; ``<root>/latest.ckpt`` and ``<root>/best_model_<metric>.ckpt`` are
 cloudckpt's pointers, so ``ckpt_path="s3://bucket/run/latest.ckpt"`` resumes
-from the newest checkpoint.
+from the newest checkpoint.  Which checkpoint ``latest`` and ``best`` are is
+the manager's answer (the same as ``CheckpointManager.restore()`` and the CLI
+give).  A checkpoint is never replaced: saving a name that is already
+committed raises :class:`~cloudckpt.errors.AlreadyExists` naming the fix, and
+nothing is deleted.  A path under no root of the plugin is read by cloudckpt
+when it holds a cloudckpt checkpoint or pointer (so a run forks from another
+run's checkpoint on S3 or GCS without s3fs/gcsfs) and by the delegate
+otherwise.
 
 :class:`CloudCheckpointCallback` decides when to save (every N epochs, every N
 steps, at the end of training), keeps the best by ``monitor`` and prunes with
 cloudckpt's retention policies.  It installs a :class:`CloudCheckpointIO` for
 its root in ``setup`` (other paths still go to the trainer's previous plugin),
 and it is a Lightning ``Checkpoint``, so Lightning adds no default
-``ModelCheckpoint`` beside it and ``ckpt_path="best"`` works.
+``ModelCheckpoint`` beside it.  ``ckpt_path="best"`` and ``ckpt_path="last"``
+resolve through it to the root's best and latest checkpoints.  (Lightning
+looks for "last" only among ``ModelCheckpoint`` files it can stat with fsspec,
+before any callback hook runs; making a ``CloudCheckpointCallback`` therefore
+wraps Lightning's ckpt_path parser once, so that "last" asks the callback
+first and everything else stays Lightning's.)
 
 Why not ``ModelCheckpoint(dirpath="s3://...")``: ModelCheckpoint opens the
 dirpath with fsspec when it is constructed and in ``setup`` (to test for
@@ -35,8 +47,15 @@ fsspec refuses ``s3://`` without ``s3fs`` ("Install s3fs to access S3") and
 ``gs://`` without ``gcsfs``.  With those installed it should work with this
 plugin (the manifests are real objects named ``<root>/<name>.ckpt``; untested),
 and a local dirpath does (tested); but ``save_last=True`` rewrites ``last.ckpt`` every time,
-which a create-only checkpoint can only do by deleting the old one first (a
-short window without ``last.ckpt``): the latest pointer is the better "last".
+which a create-only checkpoint refuses (the second save raises ``AlreadyExists``):
+the latest pointer, ``<dirpath>/latest.ckpt``, is cloudckpt's "last".
+
+Metrics.  A checkpoint records only metrics that describe its own weights.  A
+save at a step boundary leaves out the metrics of a validation run at an
+earlier step (they belong to older weights); when a step save falls on the
+last step of an epoch, the epoch-end save after validation still happens, with
+the fresh validation metrics (it shares every chunk with the step save, so it
+costs one manifest), and only it can become the best.
 
 Exact resume.  Lightning does not save the random generators; this plugin
 does (python, numpy, torch, CUDA, as they were when the checkpoint was taken)
@@ -50,10 +69,12 @@ the loops, but the data order is only reproduced by stateful data loaders.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -66,10 +87,10 @@ except ImportError as exc:
 
 import torch
 
-from ..errors import CloudCkptError, CorruptCheckpoint, FormatVersionError, NotFound
+from ..errors import AlreadyExists, CloudCkptError, CorruptCheckpoint, NotFound
 from ..format.serialize import UnsupportedValue
 from ..manager import CheckpointInfo, CheckpointManager
-from ..pointers import BEST_POINTER_PREFIX, LATEST_POINTER, is_pointer_key, read_pointer
+from ..pointers import LATEST_POINTER, best_pointer_key, is_pointer_key, read_pointer
 from ..retention import rolling_window
 from ..storage.base import Storage
 from ..transfer import TransferConfig
@@ -81,6 +102,8 @@ log = logging.getLogger(__name__)
 #: Key of Lightning's checkpoint dict inside the stored state (beside cloudckpt's RNG state).
 LIGHTNING_KEY = "lightning"
 _SAVE_OPTIONS = frozenset({"metrics", "reason", "step", "epoch"})
+#: URL schemes whose objects Lightning's own CheckpointIO can only read through an fsspec backend.
+_CLOUD_SCHEMES = frozenset({"s3", "gs", "gcs"})
 
 
 # -- paths ---------------------------------------------------------------------------
@@ -119,6 +142,9 @@ class CloudCheckpointIO(CheckpointIO):
     whose directory is a registered root goes to that manager; any other path
     goes to ``delegate`` (a CheckpointIO, e.g. Lightning's ``TorchCheckpointIO``)
     if one is given, else to a manager opened for its directory on first use.
+    With a delegate, a path to read that holds a cloudckpt checkpoint or pointer
+    (or a missing object on S3/GCS) still goes to a manager opened for its
+    directory; ``storage_options`` apply to the S3/GCS roots it opens.
 
     ``restore_rng`` sets the process's random generators from the checkpoint
     when Lightning loads it (needed for a bit-identical resume).
@@ -152,7 +178,7 @@ class CloudCheckpointIO(CheckpointIO):
 
     def _open(self, root: str | os.PathLike[str] | Storage) -> CheckpointManager:
         manager = CheckpointManager(
-            root, storage_options=None if isinstance(root, Storage) else self.storage_options,
+            root, storage_options=self.storage_options if _scheme(root) in _CLOUD_SCHEMES else None,
             allow_pickle=self.allow_pickle, async_save=self.async_save, transfer=self.transfer,
         )
         self._opened.append(manager)
@@ -162,15 +188,24 @@ class CloudCheckpointIO(CheckpointIO):
         """Route the paths ``<root>/<name>`` to ``manager``."""
         self._managers[_root_key(root)] = manager
 
-    def manager_for(self, path: str | os.PathLike[str]) -> tuple[CheckpointManager, str] | None:
-        """The manager and checkpoint name for a Lightning path (None: it belongs to the delegate)."""
+    def manager_for(self, path: str | os.PathLike[str], *, reading: bool = False) -> tuple[CheckpointManager, str] | None:
+        """The manager and checkpoint name for a Lightning path (None: it belongs to the delegate).
+
+        With ``reading``, a path under no registered root is still cloudckpt's when
+        the object there is one of cloudckpt's (see the class docstring).
+        """
         root, name = split_path(path)
         key = _root_key(root)
         manager = self._managers.get(key)
         if manager is None:
-            if self.delegate is not None:
+            if self.delegate is not None and not reading:
                 return None
-            manager = self._managers[key] = self._open(root)
+            manager = self._open(root)
+            if self.delegate is not None and not _holds_cloudckpt_object(manager.store, name):
+                self._opened.remove(manager)
+                manager.close()
+                return None
+            self._managers[key] = manager
         return manager, name
 
     # CheckpointIO -----------------------------------------------------------------
@@ -189,13 +224,17 @@ class CloudCheckpointIO(CheckpointIO):
         options = _save_options(storage_options)
         step = options.get("step", checkpoint.get("global_step", 0))
         epoch = options.get("epoch", checkpoint.get("epoch"))
-        manager.wait()  # a save of the same name in flight must be committed before we look for it
-        if _exists(manager, name):
-            log.info("replacing %s/%s (delete, then save: checkpoints are create-only)", manager.store.url, name)
-            manager.delete(name)
         try:
             manager.save({LIGHTNING_KEY: checkpoint}, step=int(step), epoch=None if epoch is None else int(epoch),
                          metrics=options.get("metrics"), reason=options.get("reason", "manual"), name=name)
+        except AlreadyExists as exc:
+            raise AlreadyExists(
+                f"{manager.store.url}/{name} is already committed, and a checkpoint is never replaced (nothing was "
+                "deleted).  To go on with the run that saved it, resume from it: trainer.fit(..., "
+                "ckpt_path=\"last\") with CloudCheckpointCallback, or the checkpoint's path; to start over, use a "
+                "new root; with ModelCheckpoint, use save_last=False and ckpt_path=\"<dirpath>/latest.ckpt\" "
+                "(cloudckpt's latest pointer) instead of rewriting last.ckpt"
+            ) from exc
         except UnsupportedValue as exc:
             raise UnsupportedValue(
                 f"{exc}.  This Lightning checkpoint holds a value cloudckpt stores only pickled; "
@@ -210,7 +249,7 @@ class CloudCheckpointIO(CheckpointIO):
         with ``allow_pickle=True``.  For ``latest``, a checkpoint that fails
         verification is skipped for the newest one that loads.
         """
-        routed = self.manager_for(path)
+        routed = self.manager_for(path, reading=True)
         if routed is None:
             assert self.delegate is not None
             if weights_only is None:
@@ -218,28 +257,19 @@ class CloudCheckpointIO(CheckpointIO):
             return self.delegate.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         manager, name = routed
         device = map_location if isinstance(map_location, (str, torch.device)) else None
-        candidates = _candidates(manager, name, path)
-        first_error: Exception | None = None
-        for candidate in candidates:
-            try:
-                state, info = manager.load(candidate, map_location=device, restore_rng=self.restore_rng)
-            except (CorruptCheckpoint, FormatVersionError) as exc:
-                log.warning("cannot load %s/%s: %s", manager.store.url, candidate, exc)
-                first_error = first_error or exc
-                continue
-            except NotFound as exc:
-                raise NotFound(f"{path}: no such checkpoint") from exc
-            if candidate != candidates[0]:
-                log.warning("loaded %s instead of %s", candidate, candidates[0])
-            lightning_state = state.get(LIGHTNING_KEY)
-            if not isinstance(lightning_state, dict):
-                raise CloudCkptError(
-                    f"{manager.store.url}/{info.name} is a cloudckpt checkpoint but not a Lightning one "
-                    f"(its state has {sorted(state)}, no {LIGHTNING_KEY!r})")
-            return lightning_state
-        if first_error is not None:
-            raise first_error
-        raise NotFound(f"{path}: no checkpoint under {manager.store.url}")
+        which = _which(manager, name, path)
+        try:
+            state, info = manager.load(which, map_location=device, restore_rng=self.restore_rng)
+        except NotFound as exc:
+            if which in ("latest", "best") and not manager.list():
+                raise NotFound(f"{path}: no checkpoint under {manager.store.url}") from exc
+            raise
+        lightning_state = state.get(LIGHTNING_KEY)
+        if not isinstance(lightning_state, dict):
+            raise CloudCkptError(
+                f"{manager.store.url}/{info.name} is a cloudckpt checkpoint but not a Lightning one "
+                f"(its state has {sorted(state)}, no {LIGHTNING_KEY!r})")
+        return lightning_state
 
     def remove_checkpoint(self, path: Any) -> None:
         """Delete the checkpoint (its manifest; its chunks go at the next sweep)."""
@@ -278,39 +308,38 @@ def _save_options(options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _exists(manager: CheckpointManager, name: str) -> bool:
+def _scheme(root: str | os.PathLike[str] | Storage) -> str:
+    if isinstance(root, Storage):
+        return ""
+    text = os.fspath(root)
+    return urlparse(text).scheme if "://" in text else ""
+
+
+def _holds_cloudckpt_object(store: Storage, name: str) -> bool:
+    """Whether ``name`` under ``store`` is cloudckpt's to read: a manifest or pointer (JSON), or, on S3/GCS,
+    missing (cloudckpt's error says so, where Lightning's own plugin would ask for s3fs or gcsfs)."""
     try:
-        manager.store.head(name)
+        return store.get(name, range=(0, 1)) == b"{"
     except NotFound:
-        return False
-    return True
+        return _scheme(store.url) in _CLOUD_SCHEMES
 
 
-
-
-def _candidates(manager: CheckpointManager, name: str, path: Any) -> list[str]:
-    """Checkpoint names to try for a Lightning path: pointers resolved, ``latest`` with fallbacks."""
+def _which(manager: CheckpointManager, name: str, path: Any) -> str:
+    """What to ask the manager for: ``latest`` and the monitored best resolve there (with its fallbacks);
+    the best pointer of another metric names one checkpoint."""
     if name in (LATEST_POINTER, "latest"):
-        pointed = _pointer_target(manager, LATEST_POINTER)
-        infos = sorted(manager.list(), key=lambda i: (i.step, i.name == pointed, i.created), reverse=True)
-        if not infos:
-            raise NotFound(f"{path}: no checkpoint under {manager.store.url}")
-        return [i.name for i in infos]
-    if name.startswith(BEST_POINTER_PREFIX) and is_pointer_key(name):
-        target = _pointer_target(manager, name)
-        if target is None:
-            raise NotFound(f"{path}: no best checkpoint under {manager.store.url}")
-        return [target]
-    return [name]
-
-
-def _pointer_target(manager: CheckpointManager, key: str) -> str | None:
+        return "latest"
+    if not is_pointer_key(name):
+        return name
+    if manager.monitor is not None and name == best_pointer_key(manager.monitor):
+        return "best"
     try:
-        pointer = read_pointer(manager.store, key)
+        pointer = read_pointer(manager.store, name)
     except CorruptCheckpoint as exc:
-        log.warning("ignoring pointer: %s", exc)
-        return None
-    return None if pointer is None else pointer.target
+        raise NotFound(f"{path}: the pointer cannot be read ({exc})") from exc
+    if pointer is None:
+        raise NotFound(f"{path}: no best checkpoint under {manager.store.url}")
+    return pointer.target
 
 
 # -- the callback ---------------------------------------------------------------------------
@@ -320,15 +349,20 @@ class CloudCheckpointCallback(Checkpoint):
     * ``every_n_epochs``: at the end of every N-th training epoch (after its
       validation), as ``checkpoint_epoch_{epochs finished:04d}.ckpt``;
     * ``every_n_train_steps``: after every N-th optimizer step, as
-      ``checkpoint_step_{global_step:08d}.ckpt``;
-    * ``save_on_train_end``: once more when training ends (unless that step is saved);
+      ``checkpoint_step_{global_step:08d}.ckpt``, without the metrics of an
+      earlier validation; when that step ends an epoch, the epoch's save after
+      validation is taken as well (whatever ``every_n_epochs`` says), so that the
+      validation metrics land on the weights they were measured on;
+    * ``save_on_train_end``: once more when training ends (unless that state is saved);
     * ``monitor``/``mode``: the best pointer follows this logged metric;
     * ``keep_last_n`` keeps the newest N (plus the best with a monitor);
       ``retention=`` takes any cloudckpt policy instead.
 
-    Resume with ``trainer.fit(..., ckpt_path=callback.latest_path())`` (None
-    when the root is empty: a fresh start).  ``best_model_path`` makes
-    ``trainer.test(ckpt_path="best")`` load the best checkpoint.
+    Resume with ``trainer.fit(..., ckpt_path="last")``: the root's latest
+    checkpoint, or a fresh start when the root is empty (``latest_path()``
+    gives the same path).  ``ckpt_path="best"`` loads the best checkpoint.
+    ``storage_options`` also apply to checkpoints of other S3/GCS roots that
+    ``ckpt_path`` names (forking a run from another run's checkpoint).
     """
 
     def __init__(
@@ -364,8 +398,16 @@ class CloudCheckpointCallback(Checkpoint):
         self.every_n_train_steps = every_n_train_steps
         self.save_on_train_end = save_on_train_end
         self.restore_rng = restore_rng
+        self.storage_options = dict(storage_options or {})
+        self.allow_pickle = allow_pickle
         self.last_saved: CheckpointInfo | None = None
-        self._last_saved_step: int | None = None
+        # What the weights of the last save had seen: (global step, validations run so far).
+        self._last_saved: tuple[int, int] | None = None
+        self._validations = 0  # validation runs during fit (not the sanity check)
+        self._validated_step: int | None = None  # global step of the last one
+        self._validation_keys: set[str] = set()  # metrics that validation logs
+        self._keys_before_validation: set[str] = set()
+        _resolve_last_through_callbacks()
 
     @property
     def state_key(self) -> str:
@@ -396,9 +438,23 @@ class CloudCheckpointCallback(Checkpoint):
         """Route this root's paths through a CloudCheckpointIO (before Lightning restores ``ckpt_path``)."""
         io = trainer.strategy.checkpoint_io
         if not isinstance(io, CloudCheckpointIO):
-            io = CloudCheckpointIO(delegate=io, restore_rng=self.restore_rng)
+            io = CloudCheckpointIO(delegate=io, restore_rng=self.restore_rng, storage_options=self.storage_options,
+                                   allow_pickle=self.allow_pickle)
             trainer.strategy.checkpoint_io = io
         io.register(self.root, self.manager)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.ckpt_path:  # resumed: the state at this step is saved already
+            self._last_saved = (int(trainer.global_step), self._validations)
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._keys_before_validation = set(trainer.callback_metrics)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        self._validation_keys |= set(trainer.callback_metrics) - self._keys_before_validation
+        if not trainer.sanity_checking:
+            self._validations += 1
+            self._validated_step = int(trainer.global_step)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -407,7 +463,11 @@ class CloudCheckpointCallback(Checkpoint):
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         finished = trainer.current_epoch + 1
-        if self.every_n_epochs and finished % self.every_n_epochs == 0:
+        periodic = bool(self.every_n_epochs) and finished % self.every_n_epochs == 0
+        step = int(trainer.global_step)
+        validated_since_saved = self._last_saved is not None and self._last_saved[0] == step \
+            and self._last_saved[1] < self._validations
+        if periodic or validated_since_saved:
             self._save(trainer, f"checkpoint_epoch_{finished:04d}.ckpt", reason="periodic", epoch=finished)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -417,12 +477,51 @@ class CloudCheckpointCallback(Checkpoint):
 
     def _save(self, trainer: Any, name: str, *, reason: str, epoch: int | None = None) -> None:
         step = int(trainer.global_step)
-        if step == self._last_saved_step or trainer.sanity_checking:
+        seen = (step, self._validations)
+        if seen == self._last_saved or trainer.sanity_checking:
             return
-        options = {"metrics": _scalar_metrics(trainer.callback_metrics), "reason": reason, "step": step,
+        options = {"metrics": self._own_metrics(trainer), "reason": reason, "step": step,
                    "epoch": trainer.current_epoch if epoch is None else epoch}
         trainer.save_checkpoint(self.path_of(name), storage_options=options)
-        self._last_saved_step = step
+        self._last_saved = seen
+
+    def _own_metrics(self, trainer: Any) -> dict[str, float]:
+        """The logged metrics that describe the weights as they are now: validation metrics only when
+        validation ran at this very step (otherwise they were measured on older weights)."""
+        metrics = _scalar_metrics(trainer.callback_metrics)
+        if self._validated_step == int(trainer.global_step):
+            return metrics
+        return {k: v for k, v in metrics.items() if k not in self._validation_keys}
+
+
+def _resolve_last_through_callbacks() -> None:
+    """Make Lightning's ``ckpt_path="last"`` ask :class:`CloudCheckpointCallback` (once per process).
+
+    Lightning turns "last" into a path before any callback hook runs, looking only at
+    ``ModelCheckpoint`` files it can stat through fsspec; its parser is wrapped so that
+    the first CloudCheckpointCallback with a checkpoint answers "last", and every other
+    case (no such callback, an empty root, any other ``ckpt_path``) stays Lightning's.
+    """
+    try:
+        from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+    except ImportError:  # moved in a later Lightning; "last" then finds no CloudCheckpointCallback checkpoint
+        log.debug("Lightning's checkpoint connector not found; ckpt_path='last' is Lightning's alone")
+        return
+    parse = getattr(_CheckpointConnector, "_parse_ckpt_path", None)
+    if parse is None or getattr(parse, "_asks_cloudckpt", False):
+        return
+
+    @functools.wraps(parse)
+    def parse_ckpt_path(self: Any, state_fn: Any, ckpt_path: Any, *args: Any, **kwargs: Any) -> Any:
+        if ckpt_path == "last":
+            for callback in self.trainer.checkpoint_callbacks:
+                latest = callback.latest_path() if isinstance(callback, CloudCheckpointCallback) else None
+                if latest is not None:
+                    return latest
+        return parse(self, state_fn, ckpt_path, *args, **kwargs)
+
+    parse_ckpt_path._asks_cloudckpt = True  # type: ignore[attr-defined]
+    _CheckpointConnector._parse_ckpt_path = parse_ckpt_path
 
 
 def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -4,8 +4,9 @@
 
 ``first`` fits toward 4 epochs with a CloudCheckpointCallback on ROOT and is
 SIGKILLed by itself as epoch 3 starts (after epoch 2's checkpoint committed);
-``resume`` builds a new model and Trainer, resumes from the latest checkpoint
-under ROOT and fits to 4 epochs.  Both write OUT.pt (``torch.save`` of the
+``resume`` builds a new model and Trainer, resumes with ``ckpt_path="last"``
+(the latest checkpoint under ROOT, found through the callback alone) and fits
+to 4 epochs.  Both write OUT.pt (``torch.save`` of the
 test's own result: parameters, optimizer state, losses, progress).
 """
 
@@ -108,10 +109,9 @@ def main(argv: list[str]) -> None:
         raise SystemExit("the first run was not killed")
     if mode != "resume":
         raise SystemExit(f"unknown mode {mode!r}")
-    ckpt_path = callback.latest_path()
     trainer = make_trainer([callback])
-    trainer.fit(model, train, val, ckpt_path=ckpt_path)
-    torch.save({**result(model, trainer), "resumed_from": ckpt_path}, out)
+    trainer.fit(model, train, val, ckpt_path="last")  # resolved by the callback to the root's latest checkpoint
+    torch.save({**result(model, trainer), "resumed_from": trainer.ckpt_path}, out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ L = pytest.importorskip("lightning")
 import lightning_job as job
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from cloudckpt import CheckpointManager, MemoryStorage
+from cloudckpt import AlreadyExists, CheckpointManager, MemoryStorage
 from cloudckpt.format.serialize import UnsupportedValue
 from cloudckpt.integrations.lightning import (
     LIGHTNING_KEY,
@@ -109,25 +109,28 @@ def test_killed_after_epoch_2_resumes_from_s3_bit_identical(moto_s3, tmp_path):
         assert names == {"checkpoint_epoch_0003.ckpt", "checkpoint_epoch_0004.ckpt", best.name}
 
 
-def test_plugin_with_a_local_model_checkpoint_and_save_last(tmp_path):
-    """ModelCheckpoint on a local dirpath writes cloudckpt checkpoints through the plugin; top-k removal,
-    last.ckpt rewrites and ckpt_path=<dir>/latest.ckpt work."""
+def test_plugin_with_a_local_model_checkpoint(tmp_path):
+    """ModelCheckpoint on a local dirpath writes cloudckpt checkpoints through the plugin; top-k removal and
+    ckpt_path=<dir>/latest.ckpt work; save_last=True, which rewrites last.ckpt, is refused, deleting nothing."""
     dirpath = tmp_path / "ckpts"
     L.seed_everything(0)
     model = job.TinyModule()
     train, val = job.loaders()
-    checkpoint = ModelCheckpoint(dirpath=dirpath, monitor="val_loss", save_top_k=1, save_last=True)
+    checkpoint = ModelCheckpoint(dirpath=dirpath, monitor="val_loss", save_top_k=1)
     trainer = job.make_trainer([checkpoint], max_epochs=2, plugins=[CloudCheckpointIO()])
     trainer.fit(model, train, val)
     files = sorted(p.name for p in dirpath.iterdir() if p.is_file())
-    # one top-1 checkpoint (the other was removed by ModelCheckpoint), last.ckpt (rewritten), the latest pointer
-    assert len([f for f in files if f.startswith("epoch=")]) == 1
-    assert {"last.ckpt", "latest.ckpt"} <= set(files)
+    # one top-1 checkpoint (the other was removed by ModelCheckpoint) and the latest pointer
+    assert files == ["epoch=1-step=16.ckpt", "latest.ckpt"]
     assert checkpoint.best_model_path == str(dirpath / "epoch=1-step=16.ckpt")  # epoch=0 was removed
-    with CheckpointManager(dirpath) as mgr:
-        last_state, last_info = mgr.load("last.ckpt")
-        assert last_info.step == 2 * job.STEPS_PER_EPOCH
-        assert last_state[LIGHTNING_KEY]["global_step"] == 2 * job.STEPS_PER_EPOCH
+
+    rewriting = tmp_path / "rewriting"
+    save_last = ModelCheckpoint(dirpath=rewriting, monitor="val_loss", save_top_k=1, save_last=True)
+    trainer = job.make_trainer([save_last], max_epochs=2, plugins=[CloudCheckpointIO()])
+    with pytest.raises(AlreadyExists, match=r"never replaced.*save_last=False.*latest\.ckpt"):
+        trainer.fit(job.TinyModule(), train, val)
+    with CheckpointManager(rewriting) as mgr:
+        assert mgr.manifest("last.ckpt").step == job.STEPS_PER_EPOCH  # epoch 1's, untouched
 
     model2 = job.TinyModule()
     trainer2 = job.make_trainer([], max_epochs=3, plugins=[CloudCheckpointIO()], enable_checkpointing=False)
@@ -136,8 +139,8 @@ def test_plugin_with_a_local_model_checkpoint_and_save_last(tmp_path):
 
 
 def test_save_checkpoint_to_s3_and_load(moto_s3):
-    """trainer.save_checkpoint("s3://...") through the plugin, loaded back by a fresh plugin; same name twice
-    replaces the checkpoint."""
+    """trainer.save_checkpoint("s3://...") through the plugin, loaded back by a fresh plugin; the same name twice
+    is refused and the first checkpoint stays."""
     options = {"endpoint_url": moto_s3.endpoint_url}
     path = f"s3://{moto_s3.new_bucket()}/manual/weights.ckpt"
     L.seed_everything(0)
@@ -146,8 +149,9 @@ def test_save_checkpoint_to_s3_and_load(moto_s3):
     io = CloudCheckpointIO(storage_options=options)
     trainer = job.make_trainer([], max_epochs=1, plugins=[io], enable_checkpointing=False, limit_train_batches=3)
     trainer.fit(model, train)
-    trainer.save_checkpoint(path)
-    trainer.save_checkpoint(path, storage_options={"metrics": {"score": 1.5}})  # replaces it
+    trainer.save_checkpoint(path, storage_options={"metrics": {"score": 1.5}})
+    with pytest.raises(AlreadyExists, match="never replaced"):
+        trainer.save_checkpoint(path)
     loaded = CloudCheckpointIO(storage_options=options).load_checkpoint(path)
     assert loaded["global_step"] == 3
     for name, value in model.state_dict().items():

@@ -57,16 +57,6 @@ def _is_internal(name: str) -> bool:
     return _TMP_MARK in name or name.endswith(_LOCK_SUFFIX)
 
 
-def _names_open_file(path: Path, fd: int) -> bool:
-    """Whether ``path`` still names the file open as ``fd`` (not removed or replaced since)."""
-    try:
-        named = path.stat()
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -261,8 +251,10 @@ class LocalStorage(Storage):
             try:
                 staging.mkdir(parents=True)
                 break
-            except FileNotFoundError:  # another upload just removed the empty staging directory
+            except FileNotFoundError:  # another upload removed the empty uploads directory in between
                 continue
+        else:
+            staging.mkdir(parents=True)
         (staging / "key").write_text(key)
         return _LocalUpload(self, key, mode, staging)
 
@@ -350,3 +342,12 @@ def _remove_staging(staging: Path) -> None:
     with contextlib.suppress(OSError):  # not empty: other uploads are in progress
         staging.parent.rmdir()
 
+
+def _names_open_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not removed or replaced since)."""
+    try:
+        named = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)

@@ -123,10 +123,17 @@ def test_step_saves_that_end_an_epoch_leave_the_metrics_to_the_epoch_save(tmp_pa
         assert mgr.best().name.startswith("checkpoint_epoch_")
 
 
-def test_fork_from_another_runs_best_checkpoint_on_s3(moto_s3):
-    options = {"endpoint_url": moto_s3.endpoint_url}
-    bucket = moto_s3.new_bucket()
-    parent, child = f"s3://{bucket}/parent-run", f"s3://{bucket}/child-run"
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_fork_from_another_runs_best_checkpoint_in_the_cloud(scheme, request):
+    """ckpt_path names a checkpoint of another root: read with the callback's storage options, no s3fs/gcsfs."""
+    server = request.getfixturevalue("moto_s3" if scheme == "s3" else "fake_gcs")
+    if scheme == "gs":
+        from gcs_helpers import drain_server_log
+
+        drain_server_log(server)
+    options = {"endpoint_url": server.endpoint_url}
+    bucket = server.new_bucket()
+    parent, child = f"{scheme}://{bucket}/parent-run", f"{scheme}://{bucket}/child-run"
     _fit(parent, max_epochs=2, storage_options=options)
     parent_before = _manifests_s3(parent, options)
 

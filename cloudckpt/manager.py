@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
-import math
 import os
-import socket
 import threading
 from typing import Any, Callable, Literal, Mapping, MutableMapping, TypeVar
 
 import torch
 
-from . import __version__, run_index
+from . import run_index
 from .catalog import UNUSABLE, Catalog, CheckpointInfo, Which
-from .errors import CloudCkptError, CorruptCheckpoint, NotFound
+from .errors import CloudCkptError, NotFound
 from .format.manifest import ChunkRef, Manifest, check_manifest_name
-from .format.serialize import StateDict, flatten, has_pickled_leaves, unflatten
+from .format.serialize import flatten
+from .loading import load_state, plain, restore_manifest
 from .pipeline import BackgroundSaver, SaveHandle
-from .pointers import (
-    LATEST_POINTER,
-    STATE_KEY,
-    Pointer,
-    advance_latest,
-    best_pointer_key,
-    is_pointer_key,
-    promote_best,
-    update_json,
-)
-from .reader import ReadStats, read_tensors, verify_chunks
-from .restore import apply_state, match_destinations, select
-from .retention import RetentionContext, as_policy, best_first
+from .pointers import STATE_KEY, is_pointer_key, update_json
+from .reader import ReadStats, verify_chunks
+from .retention import RetentionContext, as_policy
+from .saving import checkpoint_metadata, metric_value, move_pointers, with_rng
 from .snapshot import HostBufferPool, Snapshot
 from .state import RNG_KEY, RNGState
 from .storage import Storage, open_storage
@@ -42,7 +31,7 @@ from .writer import WriteStats, host_copy, write_checkpoint
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-__all__ = ["CheckpointInfo", "CheckpointManager"]
+__all__ = ["CheckpointInfo", "CheckpointManager", "metric_value"]
 
 
 class CheckpointManager:
@@ -124,15 +113,10 @@ class CheckpointManager:
         name = check_manifest_name(name or f"checkpoint_step_{step:08d}.ckpt")
         if is_pointer_key(name):
             raise ValueError(f"{name!r} is reserved for a pointer object; choose another checkpoint name")
-        metrics = {str(k): metric_value(k, v) for k, v in (metrics or {}).items()}
-        flat = flatten(self._with_rng(state), allow_pickle=self.allow_pickle)
+        flat = flatten(with_rng(state, self.capture_rng), allow_pickle=self.allow_pickle)
         devices = [str(t.device) for t in flat.tensors]
-        metadata = dict(
-            step=step, epoch=epoch, reason=reason, metrics=metrics,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z"),
-            library_version=__version__, host=socket.gethostname(), config=self.config,
-            pickled=self.allow_pickle and has_pickled_leaves(flat.tree),
-        )
+        metadata = checkpoint_metadata(step=step, epoch=epoch, reason=reason, metrics=metrics or {},
+                                       config=self.config, tree=flat.tree, allow_pickle=self.allow_pickle)
         if self._saver is None:
             snapshot = Snapshot([host_copy(t) for t in flat.tensors], 0)
             return self._commit(name, flat.tree, snapshot, devices, metadata)
@@ -166,48 +150,14 @@ class CheckpointManager:
                               manifest.name, exc)
         return CheckpointInfo.of(manifest, pointers, stats)
 
-    def _with_rng(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        if not isinstance(state, Mapping):
-            raise TypeError(f"state must be a mapping of names to values, got {type(state).__name__}")
-        if RNG_KEY in state:
-            raise ValueError(f"{RNG_KEY!r} is reserved for the RNG state cloudckpt captures")
-        bad = [k for k in state if not isinstance(k, str) or k.startswith("__")]
-        if bad:
-            raise ValueError(f"state keys must be strings not starting with '__', got {bad!r}")
-        return {**state, RNG_KEY: RNGState()} if self.capture_rng else dict(state)
-
     def known_chunks(self) -> dict[str, ChunkRef]:
         """Chunks of the checkpoints committed right now (listed afresh: another writer's
         retention may have removed a checkpoint since the last save)."""
         return {c.key: c for m in self.catalog.readable(self.catalog.names()) for c in m.chunks}
 
     def _move_pointers(self, manifest: Manifest) -> tuple[str, ...]:
-        moved = []
-        if advance_latest(self.store, Pointer(manifest.name, manifest.step)):
-            moved.append(LATEST_POINTER)
-        if self._promote_best(manifest):
-            moved.append(best_pointer_key(self.monitor))
-        update_json(self.store, STATE_KEY, lambda body: run_index.record(
-            body, manifest, monitor=self.monitor, mode=self.mode, top_k=self.top_k))
-        return tuple(moved)
-
-    def _promote_best(self, manifest: Manifest) -> bool:
-        if not self.monitor or not manifest.metrics:
-            return False
-        value = manifest.metrics.get(self.monitor)
-        if self.monitor not in manifest.metrics:
-            log.warning("metric %r missing from the metrics of %s; it cannot become the best",
-                        self.monitor, manifest.name)
-            return False
-        if value is None or math.isnan(value):
-            log.warning("metric %r of %s is NaN; it cannot become the best", self.monitor, manifest.name)
-            return False
-        # The best of everything committed, not just this checkpoint: a writer that died between
-        # its commit and the pointer move left the pointer behind, and this repairs it.
-        committed = [CheckpointInfo.of(m) for m in self.catalog.readable(self.catalog.names())]
-        best = (best_first(committed, self.monitor, self.mode) or [CheckpointInfo.of(manifest)])[0]
-        value = best.metrics[self.monitor]
-        return promote_best(self.store, Pointer(best.name, best.step, self.monitor, value, self.mode))
+        return move_pointers(self.store, manifest, lambda: self.catalog.readable(self.catalog.names()),
+                             monitor=self.monitor, mode=self.mode, top_k=self.top_k)
 
     # -- listing ---------------------------------------------------------------
     def list(self) -> list[CheckpointInfo]:
@@ -294,28 +244,8 @@ class CheckpointManager:
     def restore_manifest(self, manifest: Manifest, state: MutableMapping[str, Any], *,
                          map_location: str | torch.device | None = None, keys: list[str] | None = None) -> None:
         """Restore one parsed manifest into ``state`` in place, without fallback (see :meth:`restore`)."""
-        saved_tree = manifest.state
-        if not isinstance(saved_tree, dict):
-            raise CorruptCheckpoint(f"{self.store.url}/{manifest.name}: state tree is not an object")
-        where = f"{self.store.url}/{manifest.name}"
-        chosen = select(state, keys, saved_tree, where)
-        restore_rng = self.capture_rng and keys is None and RNG_KEY in saved_tree
-        wanted_keys = set(chosen) | ({RNG_KEY} if restore_rng else set())
-        subtree = _subtree(saved_tree, wanted_keys)
-        live = flatten(chosen, allow_pickle=True)
-        destinations = match_destinations(subtree, live.tree, live.tensors)
-        if map_location is not None:
-            destinations = {}
-        indices = _tensor_indices(subtree)
-        tensors, _ = read_tensors(self.store, manifest, destinations, self.transfer, only=indices)
-        if map_location is not None:
-            tensors = {i: t.to(map_location) for i, t in tensors.items()}
-        table = [tensors.get(i, _ABSENT) for i in range(len(manifest.tensors))]
-        loaded = self._unflatten(manifest, subtree, table)
-        rng = loaded.pop(RNG_KEY, None)
-        apply_state(state, {k: loaded[k] for k in chosen})
-        if rng is not None:
-            RNGState().load_state_dict(dict(rng))
+        restore_manifest(self.store, manifest, state, transfer=self.transfer, capture_rng=self.capture_rng,
+                         allow_pickle=self.allow_pickle, map_location=map_location, keys=keys)
 
     def load(self, which: Which = "latest", *, map_location: str | torch.device | None = None,
              restore_rng: bool = False) -> tuple[dict[str, Any], CheckpointInfo]:
@@ -333,21 +263,11 @@ class CheckpointManager:
         rng = holder.pop(RNG_KEY, None)
         if restore_rng and rng is not None:
             RNGState().load_state_dict(dict(rng))
-        return _plain(holder), CheckpointInfo.of(manifest)
+        return plain(holder), CheckpointInfo.of(manifest)
 
     def _load_manifest(self, manifest: Manifest, map_location: str | torch.device | None) -> dict[str, Any]:
-        if not isinstance(manifest.state, dict):
-            raise CorruptCheckpoint(f"{self.store.url}/{manifest.name}: state tree is not an object")
-        tensors, _ = read_tensors(self.store, manifest, {}, self.transfer)
-        if map_location is not None:
-            tensors = {i: t.to(map_location) for i, t in tensors.items()}
-        return self._unflatten(manifest, manifest.state, [tensors[i] for i in range(len(manifest.tensors))])
-
-    def _unflatten(self, manifest: Manifest, tree: Any, tensors: list[torch.Tensor]) -> Any:
-        try:
-            return unflatten(tree, tensors, allow_pickle=self.allow_pickle)
-        except CorruptCheckpoint as exc:
-            raise CorruptCheckpoint(f"{self.store.url}/{manifest.name}: {exc}") from exc
+        return load_state(self.store, manifest, transfer=self.transfer, allow_pickle=self.allow_pickle,
+                          map_location=map_location)
 
     def verify(self, which: Which = "latest") -> ReadStats:
         """Re-read one checkpoint's manifest and every chunk, checking all checksums and hashes."""
@@ -465,51 +385,5 @@ class CheckpointManager:
         return f"CheckpointManager({self.store.url!r})"
 
 
-_ABSENT: Any = torch.empty(0)
-
-
 class _UnreadableManifest(CloudCkptError):
     pass
-
-
-def metric_value(name: Any, value: Any) -> float | None:
-    """A reported metric as a float (tensors and numpy scalars too); TypeError for anything else."""
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    try:
-        return float(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}") from exc
-
-
-def _subtree(tree: dict[str, Any], keys: set[str]) -> dict[str, Any]:
-    return {k: v for k, v in tree.items() if k in keys}
-
-
-def _tensor_indices(tree: Any) -> set[int]:
-    found: set[int] = set()
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            index = node.get("__tensor__", node.get("__ndarray__"))
-            if isinstance(index, int) and len(node) == 1:
-                found.add(index)
-                return
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(tree)
-    return found
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, StateDict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import logging
 import os
@@ -11,27 +12,31 @@ from typing import Any, Callable, Literal, Mapping, MutableMapping, TypeVar
 import torch
 
 from . import run_index
-from .catalog import UNUSABLE, Catalog, CheckpointInfo, Which
-from .errors import CloudCkptError, NotFound
-from .format.manifest import ChunkRef, Manifest, check_manifest_name
+from .aside import expired_superseded, quarantine, supersede
+from .branching import Position, RollbackReport, apply_fork, commit, plan, rollback
+from .catalog import UNUSABLE, Catalog, CheckpointInfo
+from .errors import CloudCkptError, CorruptCheckpoint, NotFound
+from .format.manifest import ChunkRef, Lineage, Manifest, check_manifest_name
 from .format.serialize import flatten
 from .loading import load_state, plain, restore_manifest
 from .pipeline import BackgroundSaver, SaveHandle
-from .pointers import STATE_KEY, is_pointer_key, update_json
+from .pointers import LATEST_POINTER, STATE_KEY, Pointer, force_pointer, is_pointer_key, update_json
 from .reader import ReadStats, verify_chunks
-from .retention import RetentionContext, as_policy
+from .resolver import Resolver, Which, damage_kind, is_junk, junk_advice
+from .retention import RetentionContext, as_policy, best_first, superseded_days
 from .saving import checkpoint_metadata, metric_value, move_pointers, with_rng
 from .snapshot import HostBufferPool, Snapshot
 from .state import RNG_KEY, RNGState
 from .storage import Storage, open_storage
 from .sweeper import SweepConfig, Sweeper, SweepReport, referenced_chunks
+from .timeline import read_live
 from .transfer import TransferConfig
-from .writer import WriteStats, host_copy, write_checkpoint
+from .writer import WriteStats, host_copy, upload_tensors
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-__all__ = ["CheckpointInfo", "CheckpointManager", "metric_value"]
+__all__ = ["CheckpointInfo", "CheckpointManager", "RollbackReport", "metric_value"]
 
 
 class CheckpointManager:
@@ -80,6 +85,9 @@ class CheckpointManager:
         self.config = dict(config or {})
         self.top_k = top_k
         self.catalog = Catalog(self.store)
+        self.resolver = Resolver(self.store, self.catalog)
+        self._position = Position()
+        self._reported: set[str] = set()  # junk objects already reported
         self._lock = threading.RLock()
         self._closed = False
         self._saver = BackgroundSaver() if async_save else None
@@ -128,19 +136,43 @@ class CheckpointManager:
                 metadata: dict[str, Any]) -> CheckpointInfo:
         snapshot.wait_ready()
         with self._lock:
-            manifest, stats = write_checkpoint(
-                self.store, name=name, tree=tree, tensors=snapshot.tensors, metadata=metadata,
-                transfer=self.transfer, known_chunks=self.known_chunks(), devices=devices,
-            )
+            todo = plan(self.resolver.view(pointers=False), self._position)
+            known = {c.key: c for m in todo.view.manifests.values() for c in m.chunks}
+            uploaded = upload_tensors(self.store, snapshot.tensors, self.transfer, known, devices)
+            lineage = apply_fork(self.store, todo) if todo.fork_point is not None else todo.lineage
+            manifest = commit(self.store, Manifest(
+                name=name, tensors=uploaded.tensors, chunks=uploaded.chunks, compression=self.transfer.compression,
+                state=tree, lineage=lineage, **metadata))
+            stats = uploaded.stats
+            log.info("committed %s/%s on timeline %s: %d chunks uploaded (%.1f MiB), %d reused (%.1f MiB)",
+                     self.store.url, name, manifest.lineage.timeline, stats.chunks_uploaded,
+                     stats.bytes_uploaded / 2**20, stats.chunks_reused, stats.bytes_reused / 2**20)
             return self.after_commit(manifest, stats)
+
+    def prepare_lineage(self) -> Lineage:
+        """The lineage of the next checkpoint this manager commits, forking a new timeline first if the
+        restored checkpoint is not the newest of the live one.  For writers that commit manifests
+        themselves (e.g. ``cloudckpt.distributed``), right before their commit."""
+        with self._lock:
+            todo = plan(self.resolver.view(pointers=False), self._position)
+            return apply_fork(self.store, todo) if todo.fork_point is not None else todo.lineage
 
     def after_commit(self, manifest: Manifest, stats: WriteStats | None = None) -> CheckpointInfo:
         """Everything that follows a commit: pointers, the run's index, retention.
 
-        For writers that commit manifests themselves (e.g. ``cloudckpt.distributed``).
+        For writers that commit manifests themselves (e.g. ``cloudckpt.distributed``).  A checkpoint
+        whose timeline was abandoned while it was being written moves no pointer: it is superseded.
         """
         with self._lock:
             self.catalog.remember(manifest)
+            self._position = Position.saved(manifest)
+            live = read_live(self.store)
+            if not live.is_live(manifest):
+                log.warning("%s/%s was committed, but its timeline %s was abandoned meanwhile (a rollback); it "
+                            "is superseded and moves no pointer", self.store.url, manifest.name,
+                            manifest.lineage.timeline)
+                supersede(self.store, manifest.name, manifest.lineage.timeline)
+                return CheckpointInfo.of(manifest, (), stats, superseded=True)
             pointers = self._move_pointers(manifest)
             if self.retention is not None:
                 try:
@@ -156,40 +188,90 @@ class CheckpointManager:
         return {c.key: c for m in self.catalog.readable(self.catalog.names()) for c in m.chunks}
 
     def _move_pointers(self, manifest: Manifest) -> tuple[str, ...]:
-        return move_pointers(self.store, manifest, lambda: self.catalog.readable(self.catalog.names()),
+        return move_pointers(self.store, manifest, lambda: self.resolver.view(pointers=False).live_manifests(),
                              monitor=self.monitor, mode=self.mode, top_k=self.top_k)
 
-    # -- listing ---------------------------------------------------------------
-    def list(self) -> list[CheckpointInfo]:
-        """Every committed checkpoint, oldest step first, with the pointers that name it."""
+    # -- timelines -------------------------------------------------------------
+    def rollback(self, to: Which, *, dry_run: bool = False) -> RollbackReport:
+        """Make checkpoint ``to`` (a name or a step) the resume point of the run.
+
+        A new timeline starts at ``to``: every live checkpoint after it is *superseded* (kept
+        under ``superseded/``, never ``latest`` or ``best``, its name free again), ``latest``
+        points at ``to`` and each best pointer at the best live checkpoint.  Writers still
+        running on the old timeline can no longer save.  Then ``restore(state)`` resumes from
+        ``to``.  ``dry_run`` only reports what would be superseded.
+        """
         self._check_open()
-        return self.catalog.infos()
+        self.wait()
+        with self._lock:
+            view = self.resolver.view()
+            target = self.catalog.manifest(self.resolver.resolve(to, monitor=self.monitor, mode=self.mode))
+            report = rollback(self.store, view, target, dry_run=dry_run)
+            if dry_run:
+                return report
+            force_pointer(self.store, LATEST_POINTER, Pointer(target.name, target.step))
+            live = self.resolver.view().live_manifests()
+            for key, pointer in view.pointers.items():
+                if key != LATEST_POINTER and pointer.metric and pointer.mode:
+                    ranked = best_first([CheckpointInfo.of(m) for m in live], pointer.metric, pointer.mode)
+                    if ranked and pointer.target != ranked[0].name:
+                        best = ranked[0]
+                        force_pointer(self.store, key, Pointer(best.name, best.step, pointer.metric,
+                                                               best.metrics[pointer.metric], pointer.mode))
+            self._position = Position(report.timeline, target.name, target.step, target.lineage.timeline, True)
+            return report
+
+    def quarantine(self, name: str, reason: str = "quarantined by hand") -> str | None:
+        """Move the top-level object ``name`` (a damaged manifest, or junk) under ``quarantine/`` with
+        ``reason``: restore skips it, its name is free, and the chunks only it used become garbage.
+        Returns its new key (None if it was already gone)."""
+        self._check_open()
+        if is_pointer_key(name):
+            raise ValueError(f"{name!r} is a pointer, not a checkpoint")
+        with self._lock:
+            self.catalog.forget({name})
+            return quarantine(self.store, check_manifest_name(name), reason)
+
+    # -- listing ---------------------------------------------------------------
+    def list(self, *, superseded: bool = False) -> list[CheckpointInfo]:
+        """Every live checkpoint, oldest step first, with the pointers that name it.
+
+        With ``superseded``, the superseded ones too (``info.superseded``), which ``latest``,
+        ``best`` and retention never count.
+        """
+        self._check_open()
+        view = self.resolver.view(superseded=superseded)
+        infos = view.infos()
+        if superseded:
+            infos += [view.info(m, superseded=True) for m in view.stragglers() + list(view.superseded.values())]
+        return sorted(infos, key=lambda i: (i.step, i.created))
 
     def latest(self) -> CheckpointInfo | None:
-        """The newest committed checkpoint whose manifest reads (where ``restore()`` starts), or None."""
+        """The newest live checkpoint whose manifest reads (where ``restore()`` starts), or None."""
         return self._first_readable("latest")
 
     def best(self) -> CheckpointInfo | None:
-        """The best checkpoint by ``monitor`` whose manifest reads, or None."""
+        """The best live checkpoint by ``monitor`` whose manifest reads, or None."""
         return self._first_readable("best")
 
     def manifest(self, which: Which = "latest") -> Manifest:
         """The parsed manifest of a checkpoint (a name, ``"latest"``, ``"best"`` or a step)."""
-        candidates = self._candidates(which)
+        candidates = self.candidates(which)
         if not candidates:
             raise NotFound(f"{self.store.url}: no checkpoint")
         return self.catalog.manifest(candidates[0])
 
-    def _first_readable(self, which: str) -> CheckpointInfo | None:
-        for name in self._candidates(which):
-            try:
-                return CheckpointInfo.of(self.catalog.manifest(name))
-            except UNUSABLE as exc:
-                log.warning("skipping %s: %s", name, exc)
-        return None
+    def candidates(self, which: Which = "latest") -> list[str]:
+        """The keys to try for ``which``, preferred first (see :mod:`cloudckpt.resolver` for the rule)."""
+        return self.resolver.candidates(which, monitor=self.monitor, mode=self.mode)
 
-    def _candidates(self, which: Which) -> list[str]:
-        return self.catalog.candidates(which, monitor=self.monitor, mode=self.mode)
+    def _first_readable(self, which: str) -> CheckpointInfo | None:
+        for key in self.candidates(which):
+            try:
+                return CheckpointInfo.of(self.catalog.manifest(key))
+            except UNUSABLE as exc:
+                log.warning("skipping %s: %s", key, exc)
+        return None
 
     # -- restoring -------------------------------------------------------------
     def restore(
@@ -203,10 +285,11 @@ class CheckpointManager:
         """Load a checkpoint into ``state`` in place; None when the root holds no checkpoint.
 
         ``which`` is ``"latest"``, ``"best"``, a checkpoint name or a step.  For
-        ``"latest"``/``"best"``, a checkpoint that fails verification is logged
-        and the next one is tried (the newest, or the next best, that verifies).
+        ``"latest"``/``"best"``, a checkpoint that fails verification is quarantined
+        (moved aside with the reason, logged once) and the next one is tried.
         ``keys`` restores only those entries of ``state`` (e.g. ``["model"]``);
-        RNG state is restored only when all of ``state`` is.
+        RNG state is restored only when all of ``state`` is.  The next save continues
+        from this checkpoint: on a new timeline if it is not the newest live one.
         """
         self._check_open()
         self.wait()
@@ -216,36 +299,60 @@ class CheckpointManager:
 
     def _first_that_works(self, which: Which, use: Callable[[Manifest], T]) -> tuple[Manifest, T] | None:
         """Apply ``use`` to the first candidate for ``which`` that reads and verifies (None if no
-        checkpoint exists).  For "latest"/"best" a failing candidate is logged and the next one tried;
-        a named checkpoint or step gets no fallback."""
-        candidates = self._candidates(which)
-        if not candidates:
-            return None
+        checkpoint exists).  For "latest"/"best" a damaged candidate is quarantined and the next one
+        tried; a named checkpoint or step gets no fallback."""
         fallback = which in ("latest", "best")
+        set_aside, skipped = self._set_aside_unreadable() if fallback else (None, [])
         first_error: Exception | None = None
-        for name in candidates:
+        candidates = self.candidates(which)
+        for key in candidates:
             try:
-                manifest = self.catalog.manifest(name)
+                manifest = self.catalog.manifest(key)
                 result = use(manifest)
             except UNUSABLE as exc:
                 if isinstance(exc, NotFound) and not fallback:
-                    raise NotFound(f"{self.store.url}/{name}: no such checkpoint") from exc
-                log.warning("cannot use %s: %s", name, exc)
-                first_error = first_error or exc
+                    raise NotFound(f"{self.store.url}/{key}: no such checkpoint") from exc
                 if not fallback:
-                    break
+                    raise
+                first_error = first_error or exc
+                skipped.append(key)
+                if isinstance(exc, CorruptCheckpoint) and "/" not in key:
+                    self.quarantine(key, str(exc))
+                else:
+                    log.warning("cannot use %s: %s", key, exc)
                 continue
-            if name != candidates[0]:
-                log.warning("restored %s instead of %s", name, candidates[0])
+            if skipped:
+                log.warning("restored %s instead of %s", key, ", ".join(skipped))
+            self._position = Position.restored_from(manifest)
             return manifest, result
-        assert first_error is not None
-        raise first_error
+        if first_error or set_aside:
+            raise first_error or set_aside  # fail closed: something is there, and nothing restores
+        return None
+
+    def _set_aside_unreadable(self) -> tuple[Exception | None, list[str]]:
+        """Quarantine damaged top-level manifests, report junk and newer formats (each once).
+        Returns the first problem (raised if no checkpoint restores) and the checkpoints skipped."""
+        first: Exception | None = None
+        skipped: list[str] = []
+        for name, error in sorted(self.resolver.view(pointers=False).problems.items()):
+            kind = damage_kind(self.store, name, error)
+            if kind == "damaged":
+                self.quarantine(name, str(error))
+            elif kind in ("junk", "newer") and name not in self._reported:
+                self._reported.add(name)
+                log.warning("%s", junk_advice(self.store.url, name) if kind == "junk" else error)
+            if kind in ("damaged", "newer"):
+                skipped.append(name)
+            if kind != "gone":
+                first = first or (CorruptCheckpoint(junk_advice(self.store.url, name)) if kind == "junk" else error)
+        return first, skipped
 
     def restore_manifest(self, manifest: Manifest, state: MutableMapping[str, Any], *,
                          map_location: str | torch.device | None = None, keys: list[str] | None = None) -> None:
         """Restore one parsed manifest into ``state`` in place, without fallback (see :meth:`restore`)."""
         restore_manifest(self.store, manifest, state, transfer=self.transfer, capture_rng=self.capture_rng,
                          allow_pickle=self.allow_pickle, map_location=map_location, keys=keys)
+        self._position = Position.restored_from(manifest)
 
     def load(self, which: Which = "latest", *, map_location: str | torch.device | None = None,
              restore_rng: bool = False) -> tuple[dict[str, Any], CheckpointInfo]:
@@ -271,7 +378,7 @@ class CheckpointManager:
 
     def verify(self, which: Which = "latest") -> ReadStats:
         """Re-read one checkpoint's manifest and every chunk, checking all checksums and hashes."""
-        candidates = self._candidates(which)
+        candidates = self.candidates(which)
         if not candidates:
             raise NotFound(f"{self.store.url}: no checkpoint to verify")
         self.catalog.forget({candidates[0]})
@@ -281,22 +388,27 @@ class CheckpointManager:
     def prune(self, *, dry_run: bool = False) -> SweepReport:
         """Apply the retention policy now: remove checkpoints it does not keep, then sweep garbage.
 
-        Checkpoints named by a pointer (latest, best) or pinned are always kept.
-        Without a retention policy nothing is removed, but garbage chunks
-        (from failed saves) are still swept.  ``dry_run`` only reports.
+        Only live checkpoints count; the ones named by a pointer (latest, best) or pinned are
+        always kept.  Superseded checkpoints go only by a ``KeepSuperseded(days=N)`` policy.
+        Without a retention policy nothing is removed, but garbage chunks (from failed saves,
+        and those only quarantined manifests used) are still swept.  ``dry_run`` only reports.
         """
         self._check_open()
         report = SweepReport(cleanup=self.sweeper.config.cleanup, dry_run=dry_run)
         with self._lock:
-            infos = self.list()
+            view = self.resolver.view()
+            if not dry_run:
+                for manifest in view.stragglers():  # left by a crash mid-fork or a zombie: finish the move
+                    supersede(self.store, manifest.name, manifest.lineage.timeline)
+            infos = view.infos()
             protected = {i.name for i in infos if i.pointers} | self.pinned()
             policy = self.retention or as_policy(None)
             keep = policy(infos, RetentionContext(self.monitor, self.mode)) | protected
             doomed = {i.name for i in infos if i.name not in keep}
-            self.sweeper.remove_checkpoints(doomed, report)
-            if doomed and not dry_run:
-                self.catalog.forget(doomed)
-                update_json(self.store, STATE_KEY, lambda body: run_index.forget(body, doomed))
+            days = superseded_days(self.retention)
+            if days is not None:
+                doomed |= set(expired_superseded(self.store, _dt.timedelta(days=days), self.sweeper.config.clock()))
+            self.remove(doomed, report)
             try:
                 self.sweeper.sweep_chunks(lambda: self._referenced(exclude=doomed), report)
             except _UnreadableManifest as exc:
@@ -304,17 +416,29 @@ class CheckpointManager:
             self.sweeper.abort_stale_uploads(report)
         return report
 
+    def remove(self, keys: set[str], report: SweepReport) -> None:
+        """Delete the manifests ``keys`` (live names or ``superseded/`` keys) and forget them."""
+        self.sweeper.remove_checkpoints(keys, report)
+        if keys and not report.dry_run:
+            self.catalog.forget(keys)
+            names = {k for k in keys if "/" not in k}
+            if names:
+                update_json(self.store, STATE_KEY, lambda body: run_index.forget(body, names))
+
     def _referenced(self, exclude: set[str]) -> set[str]:
         manifests = []
-        for name in self.catalog.names():
-            if name in exclude:
+        for key in self.catalog.names() + self.catalog.superseded_keys():
+            if key in exclude:
                 continue
             try:
-                manifests.append(self.catalog.manifest(name))
+                manifests.append(self.catalog.manifest(key))
             except UNUSABLE as exc:
+                if "/" not in key and is_junk(self.store, key):
+                    continue  # not a manifest: it references nothing
                 raise _UnreadableManifest(
-                    f"{self.store.url}/{name} cannot be read ({exc}); its chunks cannot be told apart "
-                    "from garbage, so nothing is deleted until it is repaired or removed"
+                    f"{self.store.url}/{key} cannot be read ({exc}); its chunks cannot be told apart "
+                    "from garbage, so nothing is deleted until it is quarantined "
+                    f"(`cloudckpt verify {self.store.url} --all --repair`) or removed"
                 ) from exc
         return referenced_chunks(manifests)
 
@@ -329,9 +453,7 @@ class CheckpointManager:
             named_by = [k for k, p in self.catalog.pointers().items() if p.target == name]
             if named_by:
                 log.warning("deleting %s, which %s names", name, " and ".join(named_by))
-            self.sweeper.remove_checkpoints([name], SweepReport(cleanup=self.sweeper.config.cleanup))
-            self.catalog.forget({name})
-            update_json(self.store, STATE_KEY, lambda body: run_index.forget(body, {name}))
+            self.remove({name}, SweepReport(cleanup=self.sweeper.config.cleanup))
 
     def pinned(self) -> set[str]:
         """Checkpoints pinned with :meth:`pin`; retention keeps them."""

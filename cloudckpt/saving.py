@@ -77,12 +77,20 @@ def move_pointers(store: Storage, manifest: Manifest, committed: Callable[[], li
                   mode: str, top_k: int) -> tuple[str, ...]:
     """After ``manifest`` is committed: advance ``latest``, promote the best, record it in the index.
 
-    ``committed()`` lists the checkpoints that count for the best (called only when needed).
+    ``committed()`` lists the live checkpoints (those that count for the best, and the only ones
+    a pointer may keep naming); it is called only when needed.
     """
+    live: list[set[str]] = []
+
+    def stale(old: Pointer) -> bool:
+        if not live:
+            live.append({m.name for m in committed()})
+        return old.target not in live[0]
+
     moved = []
-    if advance_latest(store, Pointer(manifest.name, manifest.step)):
+    if advance_latest(store, Pointer(manifest.name, manifest.step), stale=stale):
         moved.append(LATEST_POINTER)
-    if monitor and _promote_best(store, manifest, committed, monitor, mode):
+    if monitor and _promote_best(store, manifest, committed, monitor, mode, stale):
         moved.append(best_pointer_key(monitor))
     update_json(store, STATE_KEY, lambda body: run_index.record(
         body, manifest, monitor=monitor, mode=mode, top_k=top_k))
@@ -90,7 +98,7 @@ def move_pointers(store: Storage, manifest: Manifest, committed: Callable[[], li
 
 
 def _promote_best(store: Storage, manifest: Manifest, committed: Callable[[], list[Manifest]], monitor: str,
-                  mode: str) -> bool:
+                  mode: str, stale: Callable[[Pointer], bool]) -> bool:
     if not manifest.metrics:
         return False
     value = manifest.metrics.get(monitor)
@@ -104,4 +112,4 @@ def _promote_best(store: Storage, manifest: Manifest, committed: Callable[[], li
     # its commit and the pointer move left the pointer behind, and this repairs it.
     infos = [CheckpointInfo.of(m) for m in committed()]
     best = (best_first(infos, monitor, mode) or [CheckpointInfo.of(manifest)])[0]
-    return promote_best(store, Pointer(best.name, best.step, monitor, best.metrics[monitor], mode))
+    return promote_best(store, Pointer(best.name, best.step, monitor, best.metrics[monitor], mode), stale=stale)

@@ -119,6 +119,10 @@ def restore_cmd(source: str, dest: str | None, export: Path | None, key: str, me
     """
     if dest is None and export is None:
         raise Failure("give a local directory DEST to copy the checkpoint to, or --export FILE", EXIT_USAGE)
+    if dest is not None and not Path(dest).is_dir() and (
+            dest in ("latest", "best") or dest.isdigit() or dest.endswith(".ckpt")):
+        raise Failure(f"DEST {dest!r} looks like a choice of checkpoint, not a directory: write "
+                      f"`cloudckpt restore {source}@{dest} DIR` (or ./{dest} for a directory of that name)", EXIT_USAGE)
     if dest is not None and (urlparse(dest).scheme if "://" in dest else "") not in ("", "file"):
         raise Failure(f"restore writes to a local directory, not {dest}; use `cloudckpt cp` between stores",
                       EXIT_USAGE)

@@ -95,3 +95,27 @@ def expired_superseded(store: Storage, age: _dt.timedelta, now: _dt.datetime) ->
     """Keys of the superseded manifests moved aside at least ``age`` before ``now``."""
     return [i.key for i in store.list(SUPERSEDED_PREFIX)
             if i.key.endswith(".ckpt") and (i.last_modified is None or now - i.last_modified >= age)]
+
+
+def set_aside_unreadable(store: Storage, problems: dict[str, Exception],
+                         reported: set[str]) -> tuple[Exception | None, list[str]]:
+    """Quarantine the damaged top-level manifests among ``problems``; report junk and newer formats
+    (once per name in ``reported``).  Returns the first problem (the error to raise when nothing
+    else restores: fail closed) and the checkpoints skipped."""
+    from .errors import CorruptCheckpoint
+    from .resolver import damage_kind, junk_advice
+
+    first: Exception | None = None
+    skipped: list[str] = []
+    for name, error in sorted(problems.items()):
+        kind = damage_kind(store, name, error)
+        if kind == "damaged":
+            quarantine(store, name, str(error))
+        elif kind in ("junk", "newer") and name not in reported:
+            reported.add(name)
+            log.warning("%s", junk_advice(store.url, name) if kind == "junk" else error)
+        if kind in ("damaged", "newer"):
+            skipped.append(name)
+        if kind != "gone":
+            first = first or (CorruptCheckpoint(junk_advice(store.url, name)) if kind == "junk" else error)
+    return first, skipped

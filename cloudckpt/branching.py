@@ -22,13 +22,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from typing import Callable
 
 from .aside import quarantine, supersede
-from .errors import AlreadyExists, CheckpointExists, CorruptCheckpoint, FormatVersionError, NotFound
-from .errors import TimelineSuperseded
+from .catalog import CheckpointInfo
+from .errors import (
+    AlreadyExists,
+    CheckpointExists,
+    CorruptCheckpoint,
+    FormatVersionError,
+    NotFound,
+    TimelineSuperseded,
+)
 from .format.manifest import Lineage, Manifest
+from .pointers import LATEST_POINTER, Pointer, force_pointer
 from .reader import load_manifest
 from .resolver import RootView, is_junk, junk_advice
+from .retention import best_first
 from .storage.base import Storage
 from .timeline import ForkPoint, LiveTimeline, describe_fork, fork, forked, read_live
 from .writer import commit_manifest
@@ -172,10 +182,11 @@ class RollbackReport:
     dry_run: bool
 
 
-def rollback(store: Storage, view: RootView, target: Manifest, *, dry_run: bool) -> RollbackReport:
-    """Make ``target`` the resume point: fork a new timeline at it and supersede what came after.
-
-    Pointers are the caller's to move (``latest`` to ``target``, each best to the best live one).
+def rollback(store: Storage, view: RootView, target: Manifest, *, dry_run: bool,
+             live: Callable[[], list[Manifest]]) -> RollbackReport:
+    """Make ``target`` the resume point: fork a new timeline at it, supersede what came after, then
+    point ``latest`` at ``target`` and each best pointer at the best of ``live()`` (by compare-and-swap;
+    readers never depended on them: the resolver ignores pointers to checkpoints that are not live).
     """
     todo = fork_plan(view, ForkPoint(target.name, target.step, target.lineage.timeline,
                                      target.name in view.live_names()))
@@ -183,4 +194,13 @@ def rollback(store: Storage, view: RootView, target: Manifest, *, dry_run: bool)
     if dry_run:
         return RollbackReport(target, tuple(todo.abandoned), None, True)
     lineage = apply_fork(store, todo)
+    force_pointer(store, LATEST_POINTER, Pointer(target.name, target.step))
+    remaining = [CheckpointInfo.of(m) for m in live()]
+    for key, pointer in view.pointers.items():
+        if key != LATEST_POINTER and pointer.metric and pointer.mode:
+            ranked = best_first(remaining, pointer.metric, pointer.mode)
+            if ranked and pointer.target != ranked[0].name:
+                best = ranked[0]
+                force_pointer(store, key, Pointer(best.name, best.step, pointer.metric,
+                                                  best.metrics[pointer.metric], pointer.mode))
     return RollbackReport(target, tuple(todo.abandoned), lineage.timeline, False)

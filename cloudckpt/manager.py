@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal, Mapping, MutableMapping, TypeVar
 import torch
 
 from . import run_index
-from .aside import expired_superseded, quarantine, supersede
+from .aside import expired_superseded, quarantine, set_aside_unreadable, supersede
 from .branching import Position, RollbackReport, apply_fork, commit, plan, rollback
 from .catalog import UNUSABLE, Catalog, CheckpointInfo
 from .errors import CloudCkptError, CorruptCheckpoint, NotFound
@@ -20,10 +20,10 @@ from .format.manifest import ChunkRef, Lineage, Manifest, check_manifest_name
 from .format.serialize import flatten
 from .loading import load_state, plain, restore_manifest
 from .pipeline import BackgroundSaver, SaveHandle
-from .pointers import LATEST_POINTER, STATE_KEY, Pointer, force_pointer, is_pointer_key, update_json
+from .pointers import STATE_KEY, is_pointer_key, update_json
 from .reader import ReadStats, verify_chunks
-from .resolver import Resolver, Which, damage_kind, is_junk, junk_advice
-from .retention import RetentionContext, as_policy, best_first, superseded_days
+from .resolver import Resolver, Which, is_junk
+from .retention import RetentionContext, as_policy, superseded_days
 from .saving import checkpoint_metadata, metric_value, move_pointers, with_rng
 from .snapshot import HostBufferPool, Snapshot
 from .state import RNG_KEY, RNGState
@@ -206,18 +206,10 @@ class CheckpointManager:
         with self._lock:
             view = self.resolver.view()
             target = self.catalog.manifest(self.resolver.resolve(to, monitor=self.monitor, mode=self.mode))
-            report = rollback(self.store, view, target, dry_run=dry_run)
+            report = rollback(self.store, view, target, dry_run=dry_run,
+                              live=lambda: self.resolver.view(pointers=False).live_manifests())
             if dry_run:
                 return report
-            force_pointer(self.store, LATEST_POINTER, Pointer(target.name, target.step))
-            live = self.resolver.view().live_manifests()
-            for key, pointer in view.pointers.items():
-                if key != LATEST_POINTER and pointer.metric and pointer.mode:
-                    ranked = best_first([CheckpointInfo.of(m) for m in live], pointer.metric, pointer.mode)
-                    if ranked and pointer.target != ranked[0].name:
-                        best = ranked[0]
-                        force_pointer(self.store, key, Pointer(best.name, best.step, pointer.metric,
-                                                               best.metrics[pointer.metric], pointer.mode))
             self._position = Position(report.timeline, target.name, target.step, target.lineage.timeline, True)
             return report
 
@@ -330,22 +322,10 @@ class CheckpointManager:
         return None
 
     def _set_aside_unreadable(self) -> tuple[Exception | None, list[str]]:
-        """Quarantine damaged top-level manifests, report junk and newer formats (each once).
-        Returns the first problem (raised if no checkpoint restores) and the checkpoints skipped."""
-        first: Exception | None = None
-        skipped: list[str] = []
-        for name, error in sorted(self.resolver.view(pointers=False).problems.items()):
-            kind = damage_kind(self.store, name, error)
-            if kind == "damaged":
-                self.quarantine(name, str(error))
-            elif kind in ("junk", "newer") and name not in self._reported:
-                self._reported.add(name)
-                log.warning("%s", junk_advice(self.store.url, name) if kind == "junk" else error)
-            if kind in ("damaged", "newer"):
-                skipped.append(name)
-            if kind != "gone":
-                first = first or (CorruptCheckpoint(junk_advice(self.store.url, name)) if kind == "junk" else error)
-        return first, skipped
+        problems = self.resolver.view(pointers=False).problems
+        with self._lock:
+            self.catalog.forget(set(problems))
+            return set_aside_unreadable(self.store, problems, self._reported)
 
     def restore_manifest(self, manifest: Manifest, state: MutableMapping[str, Any], *,
                          map_location: str | torch.device | None = None, keys: list[str] | None = None) -> None:

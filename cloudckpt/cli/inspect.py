@@ -14,7 +14,6 @@ import click
 
 from ..copy import Progress, manifest_names
 from ..errors import CloudCkptError, CorruptCheckpoint, FormatVersionError, NotFound
-from ..format.manifest import Manifest
 from ..storage import Storage
 from ..transfer import TransferConfig
 from .app import EXIT_FAILURE, EXIT_USAGE, Failure, _common, _progress_option, cli

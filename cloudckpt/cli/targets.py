@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from ..copy import manifest_names
 from ..errors import CorruptCheckpoint, FormatVersionError, NotFound
 from ..format.manifest import Manifest, parse_manifest
 from ..pointers import (

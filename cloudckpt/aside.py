@@ -63,6 +63,7 @@ class Quarantined:
 def quarantine(store: Storage, name: str, reason: str) -> str | None:
     """Move the top-level object ``name`` under ``quarantine/`` with ``reason``; its key (None if gone)."""
     now = _dt.datetime.now(_dt.timezone.utc)
+    reason = reason.removeprefix(f"{store.url}/{name}: ")  # the error names the object; the log does too
     folder = f"{QUARANTINE_PREFIX}{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}/"
     body = {"name": name, "reason": " ".join(reason.split()), "when": now.isoformat().replace("+00:00", "Z")}
     store.put(folder + REASON_FILE, json.dumps(body, sort_keys=True, indent=1).encode())

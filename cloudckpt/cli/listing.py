@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..aside import Quarantined, list_quarantined
-from ..format.manifest import Manifest
+from ..format.manifest import MAIN_TIMELINE, Manifest
 from ..pointers import BEST_POINTER_PREFIX, LATEST_POINTER, Pointer
 from ..resolver import Resolver, RootView, damage_kind
 from ..storage import Storage
@@ -119,10 +119,11 @@ def render_tree(listing: RootListing) -> str:
     by_name: dict[str, list[Manifest]] = {}
     for m, _ in nodes:
         by_name.setdefault(m.name, []).append(m)
+    fork_points = {str(f.get("timeline")): str(f.get("from")) for f in listing.view.live.forks}
     children: dict[int, list[tuple[Manifest, str]]] = {}
     roots = []
     for node in sorted(nodes, key=lambda n: (n[0].step, n[0].created)):
-        parent = _parent_of(node[0], by_name)
+        parent = _parent_of(node[0], by_name, fork_points)
         if parent is None:
             roots.append(node)
         else:
@@ -152,15 +153,23 @@ def render_tree(listing: RootListing) -> str:
             node = nxt  # type: ignore[assignment]
 
     for root_node in roots:
-        lines.append(timeline_label(root_node[0].lineage.timeline))
+        parent = root_node[0].lineage.parent
+        lines.append(timeline_label(root_node[0].lineage.timeline)
+                     + (f", continuing {parent} (no longer stored)" if parent else ""))
         chain(root_node, "  ")
     return "\n".join(lines)
 
 
-def _parent_of(m: Manifest, by_name: dict[str, list[Manifest]]) -> Manifest | None:
-    """The node ``m`` continues: its parent on its own timeline, else the fork point on another."""
+def _parent_of(m: Manifest, by_name: dict[str, list[Manifest]], fork_points: dict[str, str]) -> Manifest | None:
+    """The node ``m`` continues: its parent on its own timeline, else (the first checkpoint of a
+    timeline) the fork point on another; None when that checkpoint is no longer stored."""
     if m.lineage.parent is None:
         return None
     found = [p for p in by_name.get(m.lineage.parent, []) if p is not m and p.step <= m.step]
     same = [p for p in found if p.lineage.timeline == m.lineage.timeline]
-    return (same or found or [None])[-1]
+    if same:
+        return same[-1]
+    if fork_points.get(m.lineage.timeline) == m.lineage.parent or m.lineage.timeline == MAIN_TIMELINE:
+        other = [p for p in found if p.lineage.timeline != m.lineage.timeline]
+        return other[-1] if other else None
+    return None

@@ -44,8 +44,18 @@ def move(store: Storage, src: str, dst: str) -> bool:
     return True
 
 
-def supersede(store: Storage, name: str, timeline: str) -> None:
-    """Move the top-level manifest ``name`` of ``timeline`` under ``superseded/``."""
+def supersede(store: Storage, name: str, timeline: str, token: str | None = None) -> None:
+    """Move the top-level manifest ``name`` of ``timeline`` under ``superseded/``.
+
+    With ``token`` (as listed), nothing moves if the name holds another object by now: a
+    writer of the live timeline may have reused the name since the listing.
+    """
+    if token is not None:
+        try:
+            if store.head(name).token != token:
+                return
+        except NotFound:
+            return
     if move(store, name, superseded_key(timeline, name)):
         log.info("moved %s/%s to %s", store.url, name, superseded_key(timeline, name))
 

@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from .aside import quarantine, supersede
+from .aside import quarantine, supersede, superseded_key
 from .catalog import CheckpointInfo
 from .errors import (
     AlreadyExists,
@@ -90,7 +90,8 @@ def plan(view: RootView, position: Position) -> Plan:
                 "from (mgr.restore(state)) and save again")
         return Plan(Lineage(live.timeline, position.parent), view)
     live_manifests = view.live_manifests()
-    parent_live = position.parent in {m.name for m in live_manifests}
+    parent_live = any(m.name == position.parent and m.lineage.timeline == position.parent_timeline
+                      for m in live_manifests)
     newer = [m for m in live_manifests if m.step > position.parent_step and m.name != position.parent]
     if parent_live and not newer:
         return Plan(Lineage(live.timeline, position.parent), view)
@@ -114,21 +115,42 @@ def apply_fork(store: Storage, todo: Plan) -> Lineage:
     todo.new_record = record
     log.warning("%s: %s", store.url, describe_fork(todo.fork_point, todo.abandoned))
     for manifest in todo.abandoned + todo.view.stragglers():
-        supersede(store, manifest.name, manifest.lineage.timeline)
+        supersede(store, manifest.name, manifest.lineage.timeline, todo.view.tokens.get(manifest.name))
+    point = todo.fork_point
+    if not point.live and point.name is not None and point.timeline is not None:
+        _bring_back(store, point.name, point.timeline)
     return replace(todo.lineage, timeline=record.timeline)
 
 
-def commit(store: Storage, manifest: Manifest) -> Manifest:
+def _bring_back(store: Storage, name: str, timeline: str) -> None:
+    """Move a superseded fork point back to the top of the root, where the new record makes it live."""
+    key = superseded_key(timeline, name)
+    try:
+        data = store.get(key)
+    except NotFound:
+        return  # it was not superseded (or is already back)
+    try:
+        store.put(name, data, mode="create")
+    except AlreadyExists:
+        existing = _taken_by(store, name)
+        if existing is not None and existing.lineage.timeline != timeline:
+            supersede(store, name, existing.lineage.timeline)
+            store.put(name, data, mode="create")
+    store.delete([key])
+    log.info("moved %s/%s back from %s: the new timeline continues it", store.url, name, key)
+
+
+def commit(store: Storage, manifest: Manifest) -> tuple[Manifest, str | None]:
     """Commit ``manifest`` create-only; when its name is taken, settle why.
 
     A superseded manifest is moved aside and a damaged one quarantined, then the commit is
     retried.  A live one holding the same state means this save already happened: the stored
     manifest is returned (a no-op).  A live one holding another state is :class:`CheckpointExists`.
+    Returns the committed manifest and its store token (None when not known).
     """
     for _ in range(4):
         try:
-            commit_manifest(store, manifest)
-            return manifest
+            return manifest, commit_manifest(store, manifest).token
         except AlreadyExists:
             existing = _taken_by(store, manifest.name)
         if existing is None:
@@ -138,7 +160,7 @@ def commit(store: Storage, manifest: Manifest) -> Manifest:
             continue
         if same_checkpoint(existing, manifest):
             log.info("%s/%s is already saved with this state; nothing to do", store.url, manifest.name)
-            return existing
+            return existing, None
         raise CheckpointExists(
             f"{store.url}/{manifest.name}: step {existing.step} is already committed on the live timeline with a "
             "different state; it was kept as it is. To redo this step, restore an earlier checkpoint (the next "
@@ -188,8 +210,9 @@ def rollback(store: Storage, view: RootView, target: Manifest, *, dry_run: bool,
     point ``latest`` at ``target`` and each best pointer at the best of ``live()`` (by compare-and-swap;
     readers never depended on them: the resolver ignores pointers to checkpoints that are not live).
     """
-    todo = fork_plan(view, ForkPoint(target.name, target.step, target.lineage.timeline,
-                                     target.name in view.live_names()))
+    target_live = any(m.name == target.name and m.lineage.timeline == target.lineage.timeline
+                      for m in view.live_manifests())
+    todo = fork_plan(view, ForkPoint(target.name, target.step, target.lineage.timeline, target_live))
     assert todo.abandoned is not None
     if dry_run:
         return RollbackReport(target, tuple(todo.abandoned), None, True)

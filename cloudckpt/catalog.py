@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from .aside import SUPERSEDED_PREFIX
 from .errors import CorruptCheckpoint, FormatVersionError, NotFound
 from .format.manifest import MAIN_TIMELINE, Manifest, is_manifest_name, parse_manifest
-from .pointers import Pointer, list_manifest_names, list_pointer_keys, read_pointer
+from .pointers import Pointer, is_pointer_key, list_pointer_keys, read_pointer
 from .reader import load_manifest
 from .storage.base import Storage
 from .writer import WriteStats
@@ -57,22 +57,36 @@ class Catalog:
 
     def __init__(self, store: Storage) -> None:
         self.store = store
-        self._manifests: dict[str, Manifest] = {}
+        self._manifests: dict[str, tuple[str | None, Manifest]] = {}  # key -> (token when read, manifest)
+        self._listed: dict[str, str] = {}  # key -> token in the latest listing
 
     def names(self) -> list[str]:
-        return list_manifest_names(self.store)
+        """Names of the manifests at the top of the root (one listing; never cached)."""
+        infos = [i for i in self.store.list("", recursive=False)
+                 if is_manifest_name(i.key) and not is_pointer_key(i.key)]
+        self._listed.update({i.key: i.token for i in infos})
+        return [i.key for i in infos]
 
     def superseded_keys(self) -> list[str]:
         """Keys of the manifests under ``superseded/`` (one recursive listing)."""
-        return [i.key for i in self.store.list(SUPERSEDED_PREFIX) if is_manifest_name(i.key.rsplit("/", 1)[-1])]
+        infos = [i for i in self.store.list(SUPERSEDED_PREFIX) if is_manifest_name(i.key.rsplit("/", 1)[-1])]
+        self._listed.update({i.key: i.token for i in infos})
+        return [i.key for i in infos]
 
     def manifest(self, key: str) -> Manifest:
-        """The parsed manifest at ``key`` (a name, or ``superseded/<timeline>/<name>``), cached;
-        NotFound, CorruptCheckpoint or FormatVersionError."""
+        """The parsed manifest at ``key`` (a name, or ``superseded/<timeline>/<name>``); NotFound,
+        CorruptCheckpoint or FormatVersionError.
+
+        Cached, but checked against the latest listing: a name freed by a fork or a quarantine
+        may hold another manifest now (the object's token then differs).
+        """
         cached = self._manifests.get(key)
-        if cached is None:
-            cached = self._manifests[key] = self._load(key)
-        return cached
+        listed = self._listed.get(key)
+        if cached is not None and (listed is None or cached[0] == listed):
+            return cached[1]
+        manifest = self._load(key)
+        self._manifests[key] = (listed, manifest)
+        return manifest
 
     def _load(self, key: str) -> Manifest:
         if "/" not in key:
@@ -83,12 +97,20 @@ class Catalog:
             raise CorruptCheckpoint(f"{where}: the manifest calls itself {manifest.name!r}")
         return manifest
 
-    def remember(self, manifest: Manifest) -> None:
-        self._manifests[manifest.name] = manifest
+    def token(self, key: str) -> str | None:
+        """The store's token of ``key`` in the latest listing (None if not listed)."""
+        return self._listed.get(key)
+
+    def remember(self, manifest: Manifest, token: str | None = None) -> None:
+        """Cache a manifest this process just committed (``token``: the store's, if known)."""
+        self._manifests[manifest.name] = (token, manifest)
+        if token is not None:
+            self._listed[manifest.name] = token
 
     def forget(self, names: set[str]) -> None:
         for name in names:
             self._manifests.pop(name, None)
+            self._listed.pop(name, None)
 
     def readable(self, names: list[str]) -> list[Manifest]:
         """The manifests among ``names`` that parse; the others are logged and left out."""

@@ -140,14 +140,14 @@ class CheckpointManager:
             known = {c.key: c for m in todo.view.manifests.values() for c in m.chunks}
             uploaded = upload_tensors(self.store, snapshot.tensors, self.transfer, known, devices)
             lineage = apply_fork(self.store, todo) if todo.fork_point is not None else todo.lineage
-            manifest = commit(self.store, Manifest(
+            manifest, token = commit(self.store, Manifest(
                 name=name, tensors=uploaded.tensors, chunks=uploaded.chunks, compression=self.transfer.compression,
                 state=tree, lineage=lineage, **metadata))
             stats = uploaded.stats
             log.info("committed %s/%s on timeline %s: %d chunks uploaded (%.1f MiB), %d reused (%.1f MiB)",
                      self.store.url, name, manifest.lineage.timeline, stats.chunks_uploaded,
                      stats.bytes_uploaded / 2**20, stats.chunks_reused, stats.bytes_reused / 2**20)
-            return self.after_commit(manifest, stats)
+            return self.after_commit(manifest, stats, token=token)
 
     def prepare_lineage(self) -> Lineage:
         """The lineage of the next checkpoint this manager commits, forking a new timeline first if the
@@ -157,14 +157,15 @@ class CheckpointManager:
             todo = plan(self.resolver.view(pointers=False), self._position)
             return apply_fork(self.store, todo) if todo.fork_point is not None else todo.lineage
 
-    def after_commit(self, manifest: Manifest, stats: WriteStats | None = None) -> CheckpointInfo:
+    def after_commit(self, manifest: Manifest, stats: WriteStats | None = None, *,
+                     token: str | None = None) -> CheckpointInfo:
         """Everything that follows a commit: pointers, the run's index, retention.
 
         For writers that commit manifests themselves (e.g. ``cloudckpt.distributed``).  A checkpoint
         whose timeline was abandoned while it was being written moves no pointer: it is superseded.
         """
         with self._lock:
-            self.catalog.remember(manifest)
+            self.catalog.remember(manifest, token)
             self._position = Position.saved(manifest)
             live = read_live(self.store)
             if not live.is_live(manifest):
@@ -379,7 +380,7 @@ class CheckpointManager:
             view = self.resolver.view()
             if not dry_run:
                 for manifest in view.stragglers():  # left by a crash mid-fork or a zombie: finish the move
-                    supersede(self.store, manifest.name, manifest.lineage.timeline)
+                    supersede(self.store, manifest.name, manifest.lineage.timeline, view.tokens.get(manifest.name))
             infos = view.infos()
             protected = {i.name for i in infos if i.pointers} | self.pinned()
             policy = self.retention or as_policy(None)

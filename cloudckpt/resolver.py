@@ -51,6 +51,7 @@ class RootView:
     problems: dict[str, Exception]
     pointers: dict[str, Pointer]
     superseded: dict[str, Manifest] = field(default_factory=dict)  # key -> manifest, when listed
+    tokens: dict[str, str | None] = field(default_factory=dict)  # top-level name -> token as listed
 
     def is_live(self, manifest: Manifest) -> bool:
         return self.live.is_live(manifest)
@@ -99,7 +100,8 @@ class Resolver:
                 manifests[name] = self.catalog.manifest(name)
             except UNUSABLE as exc:
                 problems[name] = exc
-        view = RootView(self.store.url, live, manifests, problems, self.catalog.pointers() if pointers else {})
+        view = RootView(self.store.url, live, manifests, problems, self.catalog.pointers() if pointers else {},
+                        tokens={name: self.catalog.token(name) for name in names})
         if superseded:
             for key in self.catalog.superseded_keys():
                 try:

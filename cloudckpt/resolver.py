@@ -158,7 +158,9 @@ class Resolver:
         if self._exists(name):
             return name
         matches = [k for k in self.catalog.superseded_keys() if k.rsplit("/", 1)[-1] == name]
-        return matches[-1] if matches else name
+        if not matches:
+            raise NotFound(f"{self.store.url}/{name}: no such checkpoint")
+        return matches[-1]
 
     def _by_timeline(self, view: RootView, timeline: str) -> list[str]:
         found = [(m, m.name) for m in view.manifests.values() if m.lineage.timeline == timeline]

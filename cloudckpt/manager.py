@@ -172,7 +172,7 @@ class CheckpointManager:
                 log.warning("%s/%s was committed, but its timeline %s was abandoned meanwhile (a rollback); it "
                             "is superseded and moves no pointer", self.store.url, manifest.name,
                             manifest.lineage.timeline)
-                supersede(self.store, manifest.name, manifest.lineage.timeline)
+                supersede(self.store, manifest.name, manifest.lineage.timeline, token)
                 return CheckpointInfo.of(manifest, (), stats, superseded=True)
             pointers = self._move_pointers(manifest)
             if self.retention is not None:

@@ -2,6 +2,7 @@
 
 from .errors import (
     AlreadyExists,
+    CheckpointExists,
     CloudCkptError,
     CorruptCheckpoint,
     FormatVersionError,
@@ -9,6 +10,7 @@ from .errors import (
     NotFound,
     PermissionDenied,
     PreconditionFailed,
+    TimelineSuperseded,
     TransientError,
 )
 from .storage import IfMatch, MemoryStorage, RetryPolicy, Storage, open_storage
@@ -16,9 +18,9 @@ from .storage import IfMatch, MemoryStorage, RetryPolicy, Storage, open_storage
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlreadyExists", "CloudCkptError", "CorruptCheckpoint", "FormatVersionError", "IfMatch",
+    "AlreadyExists", "CheckpointExists", "CloudCkptError", "CorruptCheckpoint", "FormatVersionError", "IfMatch",
     "InvalidKey", "MemoryStorage", "NotFound", "PermissionDenied", "PreconditionFailed",
-    "RetryPolicy", "Storage", "TransientError", "open_storage", "__version__",
+    "RetryPolicy", "Storage", "TimelineSuperseded", "TransientError", "open_storage", "__version__",
 ]
 
 from .callback import Callback, CheckpointCallback  # noqa: E402
@@ -29,6 +31,7 @@ from .retention import (  # noqa: E402
     KeepBestK,
     KeepEvery,
     KeepLastN,
+    KeepSuperseded,
     RetentionPolicy,
 )
 from .state import ResumableSampler, RNGState  # noqa: E402
@@ -38,6 +41,6 @@ from .transfer import TransferConfig  # noqa: E402
 
 __all__ += [
     "Callback", "CheckpointCallback", "CheckpointInfo", "CheckpointManager", "KeepAll",
-    "KeepBestAndLatest", "KeepBestK", "KeepEvery", "KeepLastN", "RNGState", "ResumableSampler",
+    "KeepBestAndLatest", "KeepBestK", "KeepEvery", "KeepLastN", "KeepSuperseded", "RNGState", "ResumableSampler",
     "RetentionPolicy", "SweepConfig", "SweepReport", "Trainer", "TransferConfig",
 ]

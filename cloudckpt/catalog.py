@@ -1,4 +1,6 @@
-"""What a checkpoint root holds: committed manifests, the pointers naming them, and which to try first.
+"""What a checkpoint root holds: committed manifests and the pointers naming them (parsed, cached).
+
+Which checkpoint ``latest``, ``best`` or a step means is :mod:`cloudckpt.resolver`'s job.
 
 Manifests are immutable once committed, so the catalog caches every one it
 has parsed; the listing itself (one non-recursive LIST) is never cached,
@@ -11,24 +13,16 @@ import datetime as _dt
 import logging
 from dataclasses import dataclass, field
 
+from .aside import SUPERSEDED_PREFIX
 from .errors import CorruptCheckpoint, FormatVersionError, NotFound
-from .format.manifest import Manifest, check_manifest_name
-from .pointers import (
-    LATEST_POINTER,
-    Pointer,
-    best_pointer_key,
-    list_manifest_names,
-    list_pointer_keys,
-    read_pointer,
-)
+from .format.manifest import MAIN_TIMELINE, Manifest, is_manifest_name, parse_manifest
+from .pointers import Pointer, is_pointer_key, list_pointer_keys, read_pointer
 from .reader import load_manifest
-from .retention import best_first
 from .storage.base import Storage
 from .writer import WriteStats
 
 log = logging.getLogger(__name__)
 
-Which = str | int
 #: Failures that make one checkpoint unusable (the next candidate is tried).
 UNUSABLE = (CorruptCheckpoint, FormatVersionError, NotFound)
 
@@ -46,11 +40,16 @@ class CheckpointInfo:
     reason: str
     pointers: tuple[str, ...] = ()
     stats: WriteStats | None = field(default=None, compare=False, repr=False)
+    timeline: str = MAIN_TIMELINE
+    parent: str | None = None
+    superseded: bool = False
 
     @classmethod
-    def of(cls, manifest: Manifest, pointers: tuple[str, ...] = (), stats: WriteStats | None = None) -> "CheckpointInfo":
+    def of(cls, manifest: Manifest, pointers: tuple[str, ...] = (), stats: WriteStats | None = None, *,
+           superseded: bool = False) -> "CheckpointInfo":
         return cls(manifest.name, manifest.step, manifest.epoch, dict(manifest.metrics),
-                   manifest.created_at, manifest.nbytes, manifest.reason, pointers, stats)
+                   manifest.created_at, manifest.nbytes, manifest.reason, pointers, stats,
+                   manifest.lineage.timeline, manifest.lineage.parent, superseded)
 
 
 class Catalog:
@@ -58,24 +57,60 @@ class Catalog:
 
     def __init__(self, store: Storage) -> None:
         self.store = store
-        self._manifests: dict[str, Manifest] = {}
+        self._manifests: dict[str, tuple[str | None, Manifest]] = {}  # key -> (token when read, manifest)
+        self._listed: dict[str, str] = {}  # key -> token in the latest listing
 
     def names(self) -> list[str]:
-        return list_manifest_names(self.store)
+        """Names of the manifests at the top of the root (one listing; never cached)."""
+        infos = [i for i in self.store.list("", recursive=False)
+                 if is_manifest_name(i.key) and not is_pointer_key(i.key)]
+        self._listed.update({i.key: i.token for i in infos})
+        return [i.key for i in infos]
 
-    def manifest(self, name: str) -> Manifest:
-        """The parsed manifest ``name`` (cached); NotFound, CorruptCheckpoint or FormatVersionError."""
-        cached = self._manifests.get(name)
-        if cached is None:
-            cached = self._manifests[name] = load_manifest(self.store, name)
-        return cached
+    def superseded_keys(self) -> list[str]:
+        """Keys of the manifests under ``superseded/`` (one recursive listing)."""
+        infos = [i for i in self.store.list(SUPERSEDED_PREFIX) if is_manifest_name(i.key.rsplit("/", 1)[-1])]
+        self._listed.update({i.key: i.token for i in infos})
+        return [i.key for i in infos]
 
-    def remember(self, manifest: Manifest) -> None:
-        self._manifests[manifest.name] = manifest
+    def manifest(self, key: str) -> Manifest:
+        """The parsed manifest at ``key`` (a name, or ``superseded/<timeline>/<name>``); NotFound,
+        CorruptCheckpoint or FormatVersionError.
+
+        Cached, but checked against the latest listing: a name freed by a fork or a quarantine
+        may hold another manifest now (the object's token then differs).
+        """
+        cached = self._manifests.get(key)
+        listed = self._listed.get(key)
+        if cached is not None and (listed is None or cached[0] == listed):
+            return cached[1]
+        manifest = self._load(key)
+        self._manifests[key] = (listed, manifest)
+        return manifest
+
+    def _load(self, key: str) -> Manifest:
+        if "/" not in key:
+            return load_manifest(self.store, key)
+        where = f"{self.store.url}/{key}"
+        manifest = parse_manifest(self.store.get(key), where)
+        if manifest.name != key.rsplit("/", 1)[-1]:
+            raise CorruptCheckpoint(f"{where}: the manifest calls itself {manifest.name!r}")
+        return manifest
+
+    def token(self, key: str) -> str | None:
+        """The store's token of ``key`` in the latest listing (None if not listed)."""
+        return self._listed.get(key)
+
+    def remember(self, manifest: Manifest, token: str | None = None) -> None:
+        """Cache a manifest this process just committed (``token``: the store's, if known)."""
+        self._manifests[manifest.name] = (token, manifest)
+        if token is not None:
+            self._listed[manifest.name] = token
 
     def forget(self, names: set[str]) -> None:
         for name in names:
             self._manifests.pop(name, None)
+            self._listed.pop(name, None)
 
     def readable(self, names: list[str]) -> list[Manifest]:
         """The manifests among ``names`` that parse; the others are logged and left out."""
@@ -99,62 +134,3 @@ class Catalog:
             if pointer is not None:
                 found[key] = pointer
         return found
-
-    def infos(self) -> list[CheckpointInfo]:
-        """Every readable committed checkpoint, oldest step first, with the pointers that name it."""
-        pointers = self.pointers()
-        infos = [
-            CheckpointInfo.of(m, tuple(sorted(k for k, p in pointers.items() if p.target == m.name)))
-            for m in self.readable(self.names())
-        ]
-        return sorted(infos, key=lambda i: (i.step, i.created))
-
-    def candidates(self, which: Which, *, monitor: str | None, mode: str) -> list[str]:
-        """Checkpoint names to try for ``which``, preferred first (fallbacks after).
-
-        For ``"latest"`` the newest committed manifest wins, whatever ``latest.ckpt``
-        says: a writer that died between its commit and the pointer move left the
-        pointer one checkpoint behind.  The pointer breaks ties between equal steps,
-        and a pointed-to manifest that cannot be read comes first (so its error is
-        reported, then the next one is tried).  Other unreadable manifests come
-        last, so that when nothing else restores, their error is the one raised.
-        For ``"best"`` the best pointer comes first (an operator may have promoted
-        a checkpoint by hand), then the others best first.
-        """
-        if isinstance(which, int) and not isinstance(which, bool):
-            matches = [i.name for i in self.infos() if i.step == which]
-            if not matches:
-                raise NotFound(f"{self.store.url}: no checkpoint at step {which}")
-            return matches[-1:]
-        if which not in ("latest", "best"):
-            return [check_manifest_name(which)]
-        names = self.names()
-        if not names:
-            return []
-        if which == "best" and monitor is None:
-            raise ValueError("which='best' needs a monitor: CheckpointManager(..., monitor='val_loss')")
-        pointer = self._pointer(LATEST_POINTER if which == "latest" else best_pointer_key(monitor or ""), names)
-        preferred = pointer.target if pointer else None
-        infos = [CheckpointInfo.of(m) for m in self.readable(names)]
-        if which == "latest":
-            infos.sort(key=lambda i: (i.step, i.name == preferred, i.created), reverse=True)
-        else:
-            infos = best_first(infos, monitor or "", mode)
-        ordered = [i.name for i in infos]
-        if which == "best" and preferred in ordered:
-            ordered.remove(preferred)
-        if preferred is not None and preferred not in ordered:
-            ordered.insert(0, preferred)  # promoted by hand, or unreadable: try it first, then fall back
-        unreadable = [n for n in names if n not in ordered]
-        return ordered + (unreadable if which == "latest" else [])
-
-    def _pointer(self, key: str, names: list[str]) -> Pointer | None:
-        try:
-            pointer = read_pointer(self.store, key)
-        except CorruptCheckpoint as exc:
-            log.warning("%s; falling back to listing", exc)
-            return None
-        if pointer is not None and pointer.target not in names:
-            log.warning("%s names %s, which does not exist; falling back to listing", key, pointer.target)
-            return None
-        return pointer

@@ -280,7 +280,8 @@ class DistributedCheckpointManager:
                   for r, u in enumerate(gathered) if (u.name, u.step) != (first.name, first.step)}
         if differ:
             return _Outcome(differ)
-        manifest = self._merge(gathered, epoch, metrics, reason)
+        manifest = dataclasses.replace(self._merge(gathered, epoch, metrics, reason),
+                                       lineage=self.manager.prepare_lineage())
         commit_manifest(self.store, manifest)
         stats = WriteStats()
         for u in gathered:
@@ -345,8 +346,7 @@ class DistributedCheckpointManager:
         error: BaseException | None = None
         if self.rank == 0:
             try:
-                candidates = self.manager.catalog.candidates(which, monitor=self.manager.monitor,
-                                                             mode=self.manager.mode)
+                candidates = self.manager.candidates(which)
             except BaseException as exc:  # noqa: BLE001
                 error = exc if isinstance(exc, CloudCkptError) else DistributedCheckpointError(
                     f"{self.store.url}: cannot choose a checkpoint: {type(exc).__name__}: {exc}", {0: repr(exc)})

@@ -20,6 +20,15 @@ class AlreadyExists(CloudCkptError, FileExistsError):
     """A create-only write found the key already present; the stored bytes are untouched."""
 
 
+class CheckpointExists(AlreadyExists):
+    """A save found its name already committed on the live timeline with a different state."""
+
+
+class TimelineSuperseded(CloudCkptError):
+    """This writer's timeline was abandoned (a rollback, or a restore and save elsewhere): its
+    saves could never become ``latest``, so they are refused."""
+
+
 class PreconditionFailed(CloudCkptError):
     """A compare-and-swap write found the object changed since it was read."""
 

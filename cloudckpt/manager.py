@@ -5,44 +5,38 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import math
 import os
-import socket
 import threading
 from typing import Any, Callable, Literal, Mapping, MutableMapping, TypeVar
 
 import torch
 
-from . import __version__, run_index
-from .catalog import UNUSABLE, Catalog, CheckpointInfo, Which
+from . import run_index
+from .aside import expired_superseded, quarantine, set_aside_unreadable, supersede
+from .branching import Position, RollbackReport, apply_fork, commit, plan, rollback
+from .catalog import UNUSABLE, Catalog, CheckpointInfo
 from .errors import CloudCkptError, CorruptCheckpoint, NotFound
-from .format.manifest import ChunkRef, Manifest, check_manifest_name
-from .format.serialize import StateDict, flatten, has_pickled_leaves, unflatten
+from .format.manifest import ChunkRef, Lineage, Manifest, check_manifest_name
+from .format.serialize import flatten
+from .loading import load_state, plain, restore_manifest
 from .pipeline import BackgroundSaver, SaveHandle
-from .pointers import (
-    LATEST_POINTER,
-    STATE_KEY,
-    Pointer,
-    advance_latest,
-    best_pointer_key,
-    is_pointer_key,
-    promote_best,
-    update_json,
-)
-from .reader import ReadStats, read_tensors, verify_chunks
-from .restore import apply_state, match_destinations, select
-from .retention import RetentionContext, as_policy, best_first
+from .pointers import STATE_KEY, is_pointer_key, update_json
+from .reader import ReadStats, verify_chunks
+from .resolver import Resolver, Which, is_junk
+from .retention import RetentionContext, as_policy, superseded_days
+from .saving import checkpoint_metadata, metric_value, move_pointers, with_rng
 from .snapshot import HostBufferPool, Snapshot
 from .state import RNG_KEY, RNGState
 from .storage import Storage, open_storage
 from .sweeper import SweepConfig, Sweeper, SweepReport, referenced_chunks
+from .timeline import read_live
 from .transfer import TransferConfig
-from .writer import WriteStats, host_copy, write_checkpoint
+from .writer import WriteStats, host_copy, upload_tensors
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-__all__ = ["CheckpointInfo", "CheckpointManager"]
+__all__ = ["CheckpointInfo", "CheckpointManager", "RollbackReport", "metric_value"]
 
 
 class CheckpointManager:
@@ -91,6 +85,9 @@ class CheckpointManager:
         self.config = dict(config or {})
         self.top_k = top_k
         self.catalog = Catalog(self.store)
+        self.resolver = Resolver(self.store, self.catalog)
+        self._position = Position()
+        self._reported: set[str] = set()  # junk objects already reported
         self._lock = threading.RLock()
         self._closed = False
         self._saver = BackgroundSaver() if async_save else None
@@ -124,15 +121,10 @@ class CheckpointManager:
         name = check_manifest_name(name or f"checkpoint_step_{step:08d}.ckpt")
         if is_pointer_key(name):
             raise ValueError(f"{name!r} is reserved for a pointer object; choose another checkpoint name")
-        metrics = {str(k): metric_value(k, v) for k, v in (metrics or {}).items()}
-        flat = flatten(self._with_rng(state), allow_pickle=self.allow_pickle)
+        flat = flatten(with_rng(state, self.capture_rng), allow_pickle=self.allow_pickle)
         devices = [str(t.device) for t in flat.tensors]
-        metadata = dict(
-            step=step, epoch=epoch, reason=reason, metrics=metrics,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z"),
-            library_version=__version__, host=socket.gethostname(), config=self.config,
-            pickled=self.allow_pickle and has_pickled_leaves(flat.tree),
-        )
+        metadata = checkpoint_metadata(step=step, epoch=epoch, reason=reason, metrics=metrics or {},
+                                       config=self.config, tree=flat.tree, allow_pickle=self.allow_pickle)
         if self._saver is None:
             snapshot = Snapshot([host_copy(t) for t in flat.tensors], 0)
             return self._commit(name, flat.tree, snapshot, devices, metadata)
@@ -144,19 +136,44 @@ class CheckpointManager:
                 metadata: dict[str, Any]) -> CheckpointInfo:
         snapshot.wait_ready()
         with self._lock:
-            manifest, stats = write_checkpoint(
-                self.store, name=name, tree=tree, tensors=snapshot.tensors, metadata=metadata,
-                transfer=self.transfer, known_chunks=self.known_chunks(), devices=devices,
-            )
-            return self.after_commit(manifest, stats)
+            todo = plan(self.resolver.view(pointers=False), self._position)
+            known = {c.key: c for m in todo.view.manifests.values() for c in m.chunks}
+            uploaded = upload_tensors(self.store, snapshot.tensors, self.transfer, known, devices)
+            lineage = apply_fork(self.store, todo) if todo.fork_point is not None else todo.lineage
+            manifest, token = commit(self.store, Manifest(
+                name=name, tensors=uploaded.tensors, chunks=uploaded.chunks, compression=self.transfer.compression,
+                state=tree, lineage=lineage, **metadata))
+            stats = uploaded.stats
+            log.info("committed %s/%s on timeline %s: %d chunks uploaded (%.1f MiB), %d reused (%.1f MiB)",
+                     self.store.url, name, manifest.lineage.timeline, stats.chunks_uploaded,
+                     stats.bytes_uploaded / 2**20, stats.chunks_reused, stats.bytes_reused / 2**20)
+            return self.after_commit(manifest, stats, token=token)
 
-    def after_commit(self, manifest: Manifest, stats: WriteStats | None = None) -> CheckpointInfo:
+    def prepare_lineage(self) -> Lineage:
+        """The lineage of the next checkpoint this manager commits, forking a new timeline first if the
+        restored checkpoint is not the newest of the live one.  For writers that commit manifests
+        themselves (e.g. ``cloudckpt.distributed``), right before their commit."""
+        with self._lock:
+            todo = plan(self.resolver.view(pointers=False), self._position)
+            return apply_fork(self.store, todo) if todo.fork_point is not None else todo.lineage
+
+    def after_commit(self, manifest: Manifest, stats: WriteStats | None = None, *,
+                     token: str | None = None) -> CheckpointInfo:
         """Everything that follows a commit: pointers, the run's index, retention.
 
-        For writers that commit manifests themselves (e.g. ``cloudckpt.distributed``).
+        For writers that commit manifests themselves (e.g. ``cloudckpt.distributed``).  A checkpoint
+        whose timeline was abandoned while it was being written moves no pointer: it is superseded.
         """
         with self._lock:
-            self.catalog.remember(manifest)
+            self.catalog.remember(manifest, token)
+            self._position = Position.saved(manifest)
+            live = read_live(self.store)
+            if not live.is_live(manifest):
+                log.warning("%s/%s was committed, but its timeline %s was abandoned meanwhile (a rollback); it "
+                            "is superseded and moves no pointer", self.store.url, manifest.name,
+                            manifest.lineage.timeline)
+                supersede(self.store, manifest.name, manifest.lineage.timeline, token)
+                return CheckpointInfo.of(manifest, (), stats, superseded=True)
             pointers = self._move_pointers(manifest)
             if self.retention is not None:
                 try:
@@ -166,80 +183,88 @@ class CheckpointManager:
                               manifest.name, exc)
         return CheckpointInfo.of(manifest, pointers, stats)
 
-    def _with_rng(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        if not isinstance(state, Mapping):
-            raise TypeError(f"state must be a mapping of names to values, got {type(state).__name__}")
-        if RNG_KEY in state:
-            raise ValueError(f"{RNG_KEY!r} is reserved for the RNG state cloudckpt captures")
-        bad = [k for k in state if not isinstance(k, str) or k.startswith("__")]
-        if bad:
-            raise ValueError(f"state keys must be strings not starting with '__', got {bad!r}")
-        return {**state, RNG_KEY: RNGState()} if self.capture_rng else dict(state)
-
     def known_chunks(self) -> dict[str, ChunkRef]:
         """Chunks of the checkpoints committed right now (listed afresh: another writer's
         retention may have removed a checkpoint since the last save)."""
         return {c.key: c for m in self.catalog.readable(self.catalog.names()) for c in m.chunks}
 
     def _move_pointers(self, manifest: Manifest) -> tuple[str, ...]:
-        moved = []
-        if advance_latest(self.store, Pointer(manifest.name, manifest.step)):
-            moved.append(LATEST_POINTER)
-        if self._promote_best(manifest):
-            moved.append(best_pointer_key(self.monitor))
-        update_json(self.store, STATE_KEY, lambda body: run_index.record(
-            body, manifest, monitor=self.monitor, mode=self.mode, top_k=self.top_k))
-        return tuple(moved)
+        return move_pointers(self.store, manifest, lambda: self.resolver.view(pointers=False).live_manifests(),
+                             monitor=self.monitor, mode=self.mode, top_k=self.top_k)
 
-    def _promote_best(self, manifest: Manifest) -> bool:
-        if not self.monitor or not manifest.metrics:
-            return False
-        value = manifest.metrics.get(self.monitor)
-        if self.monitor not in manifest.metrics:
-            log.warning("metric %r missing from the metrics of %s; it cannot become the best",
-                        self.monitor, manifest.name)
-            return False
-        if value is None or math.isnan(value):
-            log.warning("metric %r of %s is NaN; it cannot become the best", self.monitor, manifest.name)
-            return False
-        # The best of everything committed, not just this checkpoint: a writer that died between
-        # its commit and the pointer move left the pointer behind, and this repairs it.
-        committed = [CheckpointInfo.of(m) for m in self.catalog.readable(self.catalog.names())]
-        best = (best_first(committed, self.monitor, self.mode) or [CheckpointInfo.of(manifest)])[0]
-        value = best.metrics[self.monitor]
-        return promote_best(self.store, Pointer(best.name, best.step, self.monitor, value, self.mode))
+    # -- timelines -------------------------------------------------------------
+    def rollback(self, to: Which, *, dry_run: bool = False) -> RollbackReport:
+        """Make checkpoint ``to`` (a name or a step) the resume point of the run.
+
+        A new timeline starts at ``to``: every live checkpoint after it is *superseded* (kept
+        under ``superseded/``, never ``latest`` or ``best``, its name free again), ``latest``
+        points at ``to`` and each best pointer at the best live checkpoint.  Writers still
+        running on the old timeline can no longer save.  Then ``restore(state)`` resumes from
+        ``to``.  ``dry_run`` only reports what would be superseded.
+        """
+        self._check_open()
+        self.wait()
+        with self._lock:
+            view = self.resolver.view()
+            target = self.catalog.manifest(self.resolver.resolve(to, monitor=self.monitor, mode=self.mode))
+            report = rollback(self.store, view, target, dry_run=dry_run,
+                              live=lambda: self.resolver.view(pointers=False).live_manifests())
+            if dry_run:
+                return report
+            self._position = Position(report.timeline, target.name, target.step, target.lineage.timeline, True)
+            return report
+
+    def quarantine(self, name: str, reason: str = "quarantined by hand") -> str | None:
+        """Move the top-level object ``name`` (a damaged manifest, or junk) under ``quarantine/`` with
+        ``reason``: restore skips it, its name is free, and the chunks only it used become garbage.
+        Returns its new key (None if it was already gone)."""
+        self._check_open()
+        if is_pointer_key(name):
+            raise ValueError(f"{name!r} is a pointer, not a checkpoint")
+        with self._lock:
+            self.catalog.forget({name})
+            return quarantine(self.store, check_manifest_name(name), reason)
 
     # -- listing ---------------------------------------------------------------
-    def list(self) -> list[CheckpointInfo]:
-        """Every committed checkpoint, oldest step first, with the pointers that name it."""
+    def list(self, *, superseded: bool = False) -> list[CheckpointInfo]:
+        """Every live checkpoint, oldest step first, with the pointers that name it.
+
+        With ``superseded``, the superseded ones too (``info.superseded``), which ``latest``,
+        ``best`` and retention never count.
+        """
         self._check_open()
-        return self.catalog.infos()
+        view = self.resolver.view(superseded=superseded)
+        infos = view.infos()
+        if superseded:
+            infos += [view.info(m, superseded=True) for m in view.stragglers() + list(view.superseded.values())]
+        return sorted(infos, key=lambda i: (i.step, i.created))
 
     def latest(self) -> CheckpointInfo | None:
-        """The newest committed checkpoint whose manifest reads (where ``restore()`` starts), or None."""
+        """The newest live checkpoint whose manifest reads (where ``restore()`` starts), or None."""
         return self._first_readable("latest")
 
     def best(self) -> CheckpointInfo | None:
-        """The best checkpoint by ``monitor`` whose manifest reads, or None."""
+        """The best live checkpoint by ``monitor`` whose manifest reads, or None."""
         return self._first_readable("best")
 
     def manifest(self, which: Which = "latest") -> Manifest:
         """The parsed manifest of a checkpoint (a name, ``"latest"``, ``"best"`` or a step)."""
-        candidates = self._candidates(which)
+        candidates = self.candidates(which)
         if not candidates:
             raise NotFound(f"{self.store.url}: no checkpoint")
         return self.catalog.manifest(candidates[0])
 
-    def _first_readable(self, which: str) -> CheckpointInfo | None:
-        for name in self._candidates(which):
-            try:
-                return CheckpointInfo.of(self.catalog.manifest(name))
-            except UNUSABLE as exc:
-                log.warning("skipping %s: %s", name, exc)
-        return None
+    def candidates(self, which: Which = "latest") -> list[str]:
+        """The keys to try for ``which``, preferred first (see :mod:`cloudckpt.resolver` for the rule)."""
+        return self.resolver.candidates(which, monitor=self.monitor, mode=self.mode)
 
-    def _candidates(self, which: Which) -> list[str]:
-        return self.catalog.candidates(which, monitor=self.monitor, mode=self.mode)
+    def _first_readable(self, which: str) -> CheckpointInfo | None:
+        for key in self.candidates(which):
+            try:
+                return CheckpointInfo.of(self.catalog.manifest(key))
+            except UNUSABLE as exc:
+                log.warning("skipping %s: %s", key, exc)
+        return None
 
     # -- restoring -------------------------------------------------------------
     def restore(
@@ -253,10 +278,11 @@ class CheckpointManager:
         """Load a checkpoint into ``state`` in place; None when the root holds no checkpoint.
 
         ``which`` is ``"latest"``, ``"best"``, a checkpoint name or a step.  For
-        ``"latest"``/``"best"``, a checkpoint that fails verification is logged
-        and the next one is tried (the newest, or the next best, that verifies).
+        ``"latest"``/``"best"``, a checkpoint that fails verification is quarantined
+        (moved aside with the reason, logged once) and the next one is tried.
         ``keys`` restores only those entries of ``state`` (e.g. ``["model"]``);
-        RNG state is restored only when all of ``state`` is.
+        RNG state is restored only when all of ``state`` is.  The next save continues
+        from this checkpoint: on a new timeline if it is not the newest live one.
         """
         self._check_open()
         self.wait()
@@ -266,56 +292,48 @@ class CheckpointManager:
 
     def _first_that_works(self, which: Which, use: Callable[[Manifest], T]) -> tuple[Manifest, T] | None:
         """Apply ``use`` to the first candidate for ``which`` that reads and verifies (None if no
-        checkpoint exists).  For "latest"/"best" a failing candidate is logged and the next one tried;
-        a named checkpoint or step gets no fallback."""
-        candidates = self._candidates(which)
-        if not candidates:
-            return None
+        checkpoint exists).  For "latest"/"best" a damaged candidate is quarantined and the next one
+        tried; a named checkpoint or step gets no fallback."""
         fallback = which in ("latest", "best")
+        set_aside, skipped = self._set_aside_unreadable() if fallback else (None, [])
         first_error: Exception | None = None
-        for name in candidates:
+        candidates = self.candidates(which)
+        for key in candidates:
             try:
-                manifest = self.catalog.manifest(name)
+                manifest = self.catalog.manifest(key)
                 result = use(manifest)
             except UNUSABLE as exc:
                 if isinstance(exc, NotFound) and not fallback:
-                    raise NotFound(f"{self.store.url}/{name}: no such checkpoint") from exc
-                log.warning("cannot use %s: %s", name, exc)
-                first_error = first_error or exc
+                    raise NotFound(f"{self.store.url}/{key}: no such checkpoint") from exc
                 if not fallback:
-                    break
+                    raise
+                first_error = first_error or exc
+                skipped.append(key)
+                if isinstance(exc, CorruptCheckpoint) and "/" not in key:
+                    self.quarantine(key, str(exc))
+                else:
+                    log.warning("cannot use %s: %s", key, exc)
                 continue
-            if name != candidates[0]:
-                log.warning("restored %s instead of %s", name, candidates[0])
+            if skipped:
+                log.warning("restored %s instead of %s", key, ", ".join(skipped))
+            self._position = Position.restored_from(manifest)
             return manifest, result
-        assert first_error is not None
-        raise first_error
+        if first_error or set_aside:
+            raise first_error or set_aside  # fail closed: something is there, and nothing restores
+        return None
+
+    def _set_aside_unreadable(self) -> tuple[Exception | None, list[str]]:
+        problems = self.resolver.view(pointers=False).problems
+        with self._lock:
+            self.catalog.forget(set(problems))
+            return set_aside_unreadable(self.store, problems, self._reported)
 
     def restore_manifest(self, manifest: Manifest, state: MutableMapping[str, Any], *,
                          map_location: str | torch.device | None = None, keys: list[str] | None = None) -> None:
         """Restore one parsed manifest into ``state`` in place, without fallback (see :meth:`restore`)."""
-        saved_tree = manifest.state
-        if not isinstance(saved_tree, dict):
-            raise CorruptCheckpoint(f"{self.store.url}/{manifest.name}: state tree is not an object")
-        where = f"{self.store.url}/{manifest.name}"
-        chosen = select(state, keys, saved_tree, where)
-        restore_rng = self.capture_rng and keys is None and RNG_KEY in saved_tree
-        wanted_keys = set(chosen) | ({RNG_KEY} if restore_rng else set())
-        subtree = _subtree(saved_tree, wanted_keys)
-        live = flatten(chosen, allow_pickle=True)
-        destinations = match_destinations(subtree, live.tree, live.tensors)
-        if map_location is not None:
-            destinations = {}
-        indices = _tensor_indices(subtree)
-        tensors, _ = read_tensors(self.store, manifest, destinations, self.transfer, only=indices)
-        if map_location is not None:
-            tensors = {i: t.to(map_location) for i, t in tensors.items()}
-        table = [tensors.get(i, _ABSENT) for i in range(len(manifest.tensors))]
-        loaded = self._unflatten(manifest, subtree, table)
-        rng = loaded.pop(RNG_KEY, None)
-        apply_state(state, {k: loaded[k] for k in chosen})
-        if rng is not None:
-            RNGState().load_state_dict(dict(rng))
+        restore_manifest(self.store, manifest, state, transfer=self.transfer, capture_rng=self.capture_rng,
+                         allow_pickle=self.allow_pickle, map_location=map_location, keys=keys)
+        self._position = Position.restored_from(manifest)
 
     def load(self, which: Which = "latest", *, map_location: str | torch.device | None = None,
              restore_rng: bool = False) -> tuple[dict[str, Any], CheckpointInfo]:
@@ -333,25 +351,15 @@ class CheckpointManager:
         rng = holder.pop(RNG_KEY, None)
         if restore_rng and rng is not None:
             RNGState().load_state_dict(dict(rng))
-        return _plain(holder), CheckpointInfo.of(manifest)
+        return plain(holder), CheckpointInfo.of(manifest)
 
     def _load_manifest(self, manifest: Manifest, map_location: str | torch.device | None) -> dict[str, Any]:
-        if not isinstance(manifest.state, dict):
-            raise CorruptCheckpoint(f"{self.store.url}/{manifest.name}: state tree is not an object")
-        tensors, _ = read_tensors(self.store, manifest, {}, self.transfer)
-        if map_location is not None:
-            tensors = {i: t.to(map_location) for i, t in tensors.items()}
-        return self._unflatten(manifest, manifest.state, [tensors[i] for i in range(len(manifest.tensors))])
-
-    def _unflatten(self, manifest: Manifest, tree: Any, tensors: list[torch.Tensor]) -> Any:
-        try:
-            return unflatten(tree, tensors, allow_pickle=self.allow_pickle)
-        except CorruptCheckpoint as exc:
-            raise CorruptCheckpoint(f"{self.store.url}/{manifest.name}: {exc}") from exc
+        return load_state(self.store, manifest, transfer=self.transfer, allow_pickle=self.allow_pickle,
+                          map_location=map_location)
 
     def verify(self, which: Which = "latest") -> ReadStats:
         """Re-read one checkpoint's manifest and every chunk, checking all checksums and hashes."""
-        candidates = self._candidates(which)
+        candidates = self.candidates(which)
         if not candidates:
             raise NotFound(f"{self.store.url}: no checkpoint to verify")
         self.catalog.forget({candidates[0]})
@@ -361,22 +369,27 @@ class CheckpointManager:
     def prune(self, *, dry_run: bool = False) -> SweepReport:
         """Apply the retention policy now: remove checkpoints it does not keep, then sweep garbage.
 
-        Checkpoints named by a pointer (latest, best) or pinned are always kept.
-        Without a retention policy nothing is removed, but garbage chunks
-        (from failed saves) are still swept.  ``dry_run`` only reports.
+        Only live checkpoints count; the ones named by a pointer (latest, best) or pinned are
+        always kept.  Superseded checkpoints go only by a ``KeepSuperseded(days=N)`` policy.
+        Without a retention policy nothing is removed, but garbage chunks (from failed saves,
+        and those only quarantined manifests used) are still swept.  ``dry_run`` only reports.
         """
         self._check_open()
         report = SweepReport(cleanup=self.sweeper.config.cleanup, dry_run=dry_run)
         with self._lock:
-            infos = self.list()
+            view = self.resolver.view()
+            if not dry_run:
+                for manifest in view.stragglers():  # left by a crash mid-fork or a zombie: finish the move
+                    supersede(self.store, manifest.name, manifest.lineage.timeline, view.tokens.get(manifest.name))
+            infos = view.infos()
             protected = {i.name for i in infos if i.pointers} | self.pinned()
             policy = self.retention or as_policy(None)
             keep = policy(infos, RetentionContext(self.monitor, self.mode)) | protected
             doomed = {i.name for i in infos if i.name not in keep}
-            self.sweeper.remove_checkpoints(doomed, report)
-            if doomed and not dry_run:
-                self.catalog.forget(doomed)
-                update_json(self.store, STATE_KEY, lambda body: run_index.forget(body, doomed))
+            days = superseded_days(self.retention)
+            if days is not None:
+                doomed |= set(expired_superseded(self.store, _dt.timedelta(days=days), self.sweeper.config.clock()))
+            self.remove(doomed, report)
             try:
                 self.sweeper.sweep_chunks(lambda: self._referenced(exclude=doomed), report)
             except _UnreadableManifest as exc:
@@ -384,17 +397,29 @@ class CheckpointManager:
             self.sweeper.abort_stale_uploads(report)
         return report
 
+    def remove(self, keys: set[str], report: SweepReport) -> None:
+        """Delete the manifests ``keys`` (live names or ``superseded/`` keys) and forget them."""
+        self.sweeper.remove_checkpoints(keys, report)
+        if keys and not report.dry_run:
+            self.catalog.forget(keys)
+            names = {k for k in keys if "/" not in k}
+            if names:
+                update_json(self.store, STATE_KEY, lambda body: run_index.forget(body, names))
+
     def _referenced(self, exclude: set[str]) -> set[str]:
         manifests = []
-        for name in self.catalog.names():
-            if name in exclude:
+        for key in self.catalog.names() + self.catalog.superseded_keys():
+            if key in exclude:
                 continue
             try:
-                manifests.append(self.catalog.manifest(name))
+                manifests.append(self.catalog.manifest(key))
             except UNUSABLE as exc:
+                if "/" not in key and is_junk(self.store, key):
+                    continue  # not a manifest: it references nothing
                 raise _UnreadableManifest(
-                    f"{self.store.url}/{name} cannot be read ({exc}); its chunks cannot be told apart "
-                    "from garbage, so nothing is deleted until it is repaired or removed"
+                    f"{self.store.url}/{key} cannot be read ({exc}); its chunks cannot be told apart "
+                    "from garbage, so nothing is deleted until it is quarantined "
+                    f"(`cloudckpt verify {self.store.url} --all --repair`) or removed"
                 ) from exc
         return referenced_chunks(manifests)
 
@@ -409,9 +434,7 @@ class CheckpointManager:
             named_by = [k for k, p in self.catalog.pointers().items() if p.target == name]
             if named_by:
                 log.warning("deleting %s, which %s names", name, " and ".join(named_by))
-            self.sweeper.remove_checkpoints([name], SweepReport(cleanup=self.sweeper.config.cleanup))
-            self.catalog.forget({name})
-            update_json(self.store, STATE_KEY, lambda body: run_index.forget(body, {name}))
+            self.remove({name}, SweepReport(cleanup=self.sweeper.config.cleanup))
 
     def pinned(self) -> set[str]:
         """Checkpoints pinned with :meth:`pin`; retention keeps them."""
@@ -465,51 +488,5 @@ class CheckpointManager:
         return f"CheckpointManager({self.store.url!r})"
 
 
-_ABSENT: Any = torch.empty(0)
-
-
 class _UnreadableManifest(CloudCkptError):
     pass
-
-
-def metric_value(name: Any, value: Any) -> float | None:
-    """A reported metric as a float (tensors and numpy scalars too); TypeError for anything else."""
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    try:
-        return float(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}") from exc
-
-
-def _subtree(tree: dict[str, Any], keys: set[str]) -> dict[str, Any]:
-    return {k: v for k, v in tree.items() if k in keys}
-
-
-def _tensor_indices(tree: Any) -> set[int]:
-    found: set[int] = set()
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            index = node.get("__tensor__", node.get("__ndarray__"))
-            if isinstance(index, int) and len(node) == 1:
-                found.add(index)
-                return
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(tree)
-    return found
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, StateDict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value

@@ -151,12 +151,16 @@ def compare_and_swap(
     )
 
 
-def advance_latest(store: Storage, pointer: Pointer) -> bool:
-    """Move ``latest.ckpt`` to ``pointer`` unless it already names a later step."""
+def advance_latest(store: Storage, pointer: Pointer, *, stale: Callable[[Pointer], bool] | None = None) -> bool:
+    """Move ``latest.ckpt`` to ``pointer`` unless it already names a later step.
+
+    ``stale(old)`` says whether the pointer's current target is no longer live (superseded or
+    gone): such a pointer is replaced whatever its step.  It is asked only when it matters.
+    """
 
     def update(current: bytes | None) -> bytes | None:
         old = _parse_or_none(store, LATEST_POINTER, current)
-        if old is not None and old.step > pointer.step:
+        if old is not None and old.step > pointer.step and not (stale and stale(old)):
             log.info("latest.ckpt names step %d, newer than %s (step %d); left as is",
                      old.step, pointer.target, pointer.step)
             return None
@@ -167,8 +171,9 @@ def advance_latest(store: Storage, pointer: Pointer) -> bool:
     return compare_and_swap(store, LATEST_POINTER, update)
 
 
-def promote_best(store: Storage, pointer: Pointer) -> bool:
-    """Move the best pointer for ``pointer.metric`` if ``pointer.value`` strictly beats its value."""
+def promote_best(store: Storage, pointer: Pointer, *, stale: Callable[[Pointer], bool] | None = None) -> bool:
+    """Move the best pointer for ``pointer.metric`` if ``pointer.value`` strictly beats its value
+    (or ``stale(old)`` says its current target is no longer live)."""
     assert pointer.metric is not None and pointer.mode is not None
     key = best_pointer_key(pointer.metric)
 
@@ -176,13 +181,27 @@ def promote_best(store: Storage, pointer: Pointer) -> bool:
         old = _parse_or_none(store, key, current)
         if old is not None and old.target != pointer.target and not is_better(
             pointer.value, old.value, pointer.mode or "min"
-        ):
+        ) and not (stale and stale(old)):
             return None
         if old == pointer:
             return None
         return pointer.to_bytes()
 
     return compare_and_swap(store, key, update)
+
+
+def force_pointer(store: Storage, key: str, pointer: Pointer) -> tuple[str | None, bool]:
+    """Compare-and-swap ``key`` to ``pointer`` whatever it names now (an operator's decision, or a
+    rollback).  Returns (the target it named before, whether it changed)."""
+    before: list[str | None] = [None]
+
+    def update(current: bytes | None) -> bytes | None:
+        old = _parse_or_none(store, key, current)
+        before[0] = old.target if old is not None else None
+        return None if old == pointer else pointer.to_bytes()
+
+    changed = compare_and_swap(store, key, update)
+    return before[0], changed
 
 
 def _parse_or_none(store: Storage, key: str, data: bytes | None) -> Pointer | None:

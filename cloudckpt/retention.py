@@ -144,14 +144,43 @@ class KeepEvery(RetentionPolicy):
 
 
 @dataclass(frozen=True)
+class KeepSuperseded(RetentionPolicy):
+    """Keep superseded checkpoints (those of abandoned timelines) for ``days`` after they were
+    superseded, then remove them.  Without this policy they are kept until
+    ``cloudckpt gc --superseded``.  It says nothing about live checkpoints: alone it keeps them
+    all, and combined (``KeepLastN(3) | KeepSuperseded(days=7)``) the other policies decide.
+    """
+
+    days: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.days, (int, float)) or isinstance(self.days, bool) or self.days < 0:
+            raise ValueError(f"KeepSuperseded needs days >= 0, got {self.days!r}")
+
+    def keep(self, infos: Infos, context: RetentionContext) -> set[str]:
+        return {i.name for i in infos}
+
+
+def superseded_days(policy: "RetentionPolicy | None") -> float | None:
+    """The ``days`` of the KeepSuperseded in ``policy`` (the longest if several), or None."""
+    if isinstance(policy, KeepSuperseded):
+        return float(policy.days)
+    if isinstance(policy, AnyOf):
+        found = [d for d in (superseded_days(p) for p in policy.policies) if d is not None]
+        return max(found) if found else None
+    return None
+
+
+@dataclass(frozen=True)
 class AnyOf(RetentionPolicy):
     """Keep what any of ``policies`` keeps (what ``a | b`` builds)."""
 
     policies: tuple[RetentionPolicy, ...]
 
     def keep(self, infos: Infos, context: RetentionContext) -> set[str]:
+        deciding = [p for p in self.policies if not isinstance(p, KeepSuperseded)] or self.policies
         kept: set[str] = set()
-        for policy in self.policies:
+        for policy in deciding:
             kept |= policy.keep(infos, context)
         return kept
 

@@ -22,7 +22,7 @@ from .format.compression import compress
 from .format.serialize import ChunkPlan, plan_chunks
 from .hashing import blake3_hex, crc32c_hex
 from .parallel import run_parallel
-from .storage.base import Storage, upload_multipart
+from .storage.base import ObjectInfo, Storage, upload_multipart
 from .transfer import TransferConfig
 
 log = logging.getLogger(__name__)
@@ -149,10 +149,10 @@ def upload_tensors(
     return Uploaded(entries, chunks, uploader.stats)
 
 
-def commit_manifest(store: Storage, manifest: Manifest) -> None:
+def commit_manifest(store: Storage, manifest: Manifest) -> ObjectInfo:
     """Write ``manifest`` create-only: from this moment the checkpoint exists."""
     try:
-        store.put(manifest.name, manifest.to_bytes(), mode="create")
+        return store.put(manifest.name, manifest.to_bytes(), mode="create")
     except AlreadyExists as exc:
         raise AlreadyExists(
             f"{store.url}/{manifest.name}: a checkpoint of that name is already committed; "

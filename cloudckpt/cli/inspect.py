@@ -14,7 +14,6 @@ import click
 
 from ..copy import Progress, manifest_names
 from ..errors import CloudCkptError, CorruptCheckpoint, FormatVersionError, NotFound
-from ..format.manifest import Manifest
 from ..storage import Storage
 from ..transfer import TransferConfig
 from .app import EXIT_FAILURE, EXIT_USAGE, Failure, _common, _progress_option, cli
@@ -28,57 +27,33 @@ from .render import (
     table,
     tensor_paths,
 )
-from .targets import _load, _manifests, _target, open_root, pointers_of, resolve
+from .listing import RootListing, render_tree
+from .targets import _load, _target, open_root, pointers_of, resolve
 
 
 # -- ls -----------------------------------------------------------------------------------
 @cli.command("ls")
 @click.argument("root")
+@click.option("--tree", is_flag=True, help="Show the history as a tree of timelines (forks, rollbacks).")
 @_common
-def ls_cmd(root: str, endpoint_url: str | None, as_json: bool) -> None:
-    """List the checkpoints under ROOT, oldest step first, with the pointers naming them."""
+def ls_cmd(root: str, tree: bool, endpoint_url: str | None, as_json: bool) -> None:
+    """List the checkpoints under ROOT, oldest step first: the live ones with the pointers that
+    resolve to them, then superseded, quarantined and unreadable objects with their status."""
     from ..manager import CheckpointManager
 
     store = open_root(root, endpoint_url)
     with store:
-        names = manifest_names(store)
-        manifests = _manifests(store, names)
-        pointers = pointers_of(store)
-        pinned = CheckpointManager(store, capture_rng=False).pinned()
+        listing = RootListing.of(store, CheckpointManager(store, capture_rng=False).pinned())
     now = _dt.datetime.now(_dt.timezone.utc)
-    named_by: dict[str, list[str]] = {}
-    for key, pointer in sorted(pointers.items()):
-        named_by.setdefault(pointer.target, []).append(key)
-    good = sorted((m for m in manifests.values() if isinstance(m, Manifest)), key=lambda m: (m.step, m.created))
-    bad = {n: e for n, e in manifests.items() if not isinstance(e, Manifest)}
     if as_json:
-        emit_json({
-            "root": store.url,
-            "checkpoints": [{
-                "name": m.name, "step": m.step, "epoch": m.epoch, "metrics": m.metrics,
-                "nbytes": m.nbytes, "stored_bytes": m.stored_bytes, "chunks": len(m.chunks),
-                "created": m.created, "age_seconds": int((now - m.created_at).total_seconds()),
-                "reason": m.reason, "pointers": named_by.get(m.name, []), "pinned": m.name in pinned,
-            } for m in good],
-            "unreadable": [{"name": n, "error": str(e)} for n, e in sorted(bad.items())],
-            "pointers": {k: {"target": p.target, "step": p.step, "metric": p.metric, "value": p.value,
-                             "mode": p.mode} for k, p in sorted(pointers.items())},
-        })
+        emit_json(listing.to_json(now))
         return
-    if not good and not bad:
+    if listing.empty:
         click.echo(f"no checkpoints under {store.url}", err=True)
         return
-    rows = []
-    for m in good:
-        flags = [_pointer_label(k) for k in named_by.get(m.name, [])] + (["pinned"] if m.name in pinned else [])
-        rows.append([m.name, str(m.step), "-" if m.epoch is None else str(m.epoch), _metric_text(m.metrics),
-                     human_bytes(m.nbytes), human_age(m.created_at, now), ", ".join(flags)])
-    for name, error in sorted(bad.items()):
-        rows.append([name, "?", "?", "UNREADABLE", "?", "?", type(error).__name__])
-    click.echo(table(rows, ["NAME", "STEP", "EPOCH", "METRICS", "SIZE", "AGE", "POINTERS"]))
-    dangling = [f"{k} -> {p.target}" for k, p in sorted(pointers.items()) if p.target not in manifests]
-    for line in dangling:
-        click.echo(f"cloudckpt: warning: pointer {line}, which does not exist", err=True)
+    click.echo(render_tree(listing) if tree else listing.table(now))
+    for line in listing.warnings():
+        click.echo(f"cloudckpt: warning: {line}", err=True)
 
 
 # -- show -------------------------------------------------------------------------------
@@ -108,7 +83,8 @@ def show_cmd(target: str, name: str | None, metric: str | None, endpoint_url: st
     summary = {
         "root": store.url, "name": manifest.name, "format_version": stored_version,
         "step": manifest.step, "epoch": manifest.epoch, "reason": manifest.reason,
-        "created": manifest.created, "host": manifest.host, "library_version": manifest.library_version,
+        "created": manifest.created, "timeline": manifest.lineage.timeline, "parent": manifest.lineage.parent,
+        "host": manifest.host, "library_version": manifest.library_version,
         "metrics": manifest.metrics, "chunks": len(manifest.chunks), "nbytes": manifest.nbytes,
         "stored_bytes": manifest.stored_bytes, "compression": manifest.compression,
         "pickled": manifest.pickled, "config": manifest.config, "pointers": pointers, "pinned": pinned,
@@ -124,6 +100,8 @@ def show_cmd(target: str, name: str | None, metric: str | None, endpoint_url: st
         ("step", str(manifest.step)),
         ("epoch", "-" if manifest.epoch is None else str(manifest.epoch)),
         ("reason", manifest.reason),
+        ("timeline", manifest.lineage.timeline),
+        ("parent", manifest.lineage.parent or "- (a fresh start)"),
         ("created", created),
         ("host", manifest.host or "-"),
         ("library", manifest.library_version or "-"),
@@ -207,14 +185,18 @@ def verify_checkpoint(store: Storage, name: str, *, transfer: TransferConfig | N
 @click.argument("name", required=False)
 @click.option("--all", "all_", is_flag=True, help="Verify every checkpoint under ROOT.")
 @click.option("--metric", help="With NAME=best: the metric whose best pointer to follow.")
+@click.option("--repair", is_flag=True, help="Quarantine each checkpoint that fails (moved aside with the reason; "
+                                             "its name is free, gc then sweeps the chunks only it used).")
 @_progress_option
 @_common
-def verify_cmd(target: str, name: str | None, all_: bool, metric: str | None, progress: bool,
+def verify_cmd(target: str, name: str | None, all_: bool, metric: str | None, repair: bool, progress: bool,
                endpoint_url: str | None, as_json: bool) -> None:
     """Re-check a checkpoint (default: latest): manifest checksum and every chunk's size, CRC32C, BLAKE3.
 
-    Prints OK or FAILED per checkpoint and exits 1 if any failed.
+    Prints OK or FAILED per checkpoint and exits 1 if any failed (and was not repaired).
     """
+    from ..manager import CheckpointManager
+
     root, which = _target(target, name)
     if all_ and which is not None:
         raise Failure("--all verifies every checkpoint; do not name one as well", EXIT_USAGE)
@@ -225,9 +207,13 @@ def verify_cmd(target: str, name: str | None, all_: bool, metric: str | None, pr
         if not names:
             raise NotFound(f"{store.url}: no checkpoint here")
         results = []
+        repaired: dict[str, str | None] = {}
         for n in names:
             result = verify_checkpoint(store, n, progress=bars(f"verify {n}"))
             results.append(result)
+            if repair and not result.ok and "/" not in n:
+                repaired[n] = CheckpointManager(store, capture_rng=False).quarantine(
+                    n, "; ".join(result.errors or ["failed verification"]))
             if not as_json:
                 if result.ok:
                     click.echo(f"OK      {n}  {result.chunks} chunks, {human_bytes(result.bytes)}")
@@ -235,11 +221,14 @@ def verify_cmd(target: str, name: str | None, all_: bool, metric: str | None, pr
                     click.echo(f"FAILED  {n}  {len(result.errors or [])} problem(s):")
                     for error in result.errors or []:
                         click.echo(f"          {error}")
-    failed = [r for r in results if not r.ok]
+                    if n in repaired:
+                        click.echo(f"          quarantined -> {repaired[n]}")
+    failed = [r for r in results if not r.ok and r.name not in repaired]
     if as_json:
         emit_json({"root": store.url, "ok": not failed,
                    "checkpoints": [{"name": r.name, "ok": r.ok, "chunks": r.chunks, "bytes": r.bytes,
-                                    "errors": r.errors or []} for r in results]})
+                                    "errors": r.errors or [], "quarantined": repaired.get(r.name)}
+                                   for r in results]})
     elif len(results) > 1:
         click.echo(f"{len(results) - len(failed)} OK, {len(failed)} FAILED")
     if failed:

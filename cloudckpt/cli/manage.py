@@ -8,9 +8,8 @@ from typing import Any
 
 import click
 
-from ..errors import CorruptCheckpoint
 from ..format.manifest import Manifest
-from ..pointers import LATEST_POINTER, Pointer, best_pointer_key, compare_and_swap
+from ..pointers import LATEST_POINTER, Pointer, best_pointer_key, force_pointer
 from ..storage import Storage
 from .app import EXIT_USAGE, Failure, _common, cli
 from .render import _Duration, _fmt_duration, _pointer_label, emit_json, human_bytes
@@ -24,16 +23,18 @@ from .targets import _load, _read_pointer_or_none, _target, open_root, resolve
 @click.option("--metric", help="Point best_model_<METRIC>.ckpt at this checkpoint (value from its metrics).")
 @click.option("--mode", type=click.Choice(["min", "max"]),
               help="Direction of METRIC (default: the current pointer's, else min).")
-@click.option("--latest", "latest", is_flag=True, help="Point latest.ckpt at this checkpoint (a rollback).")
+@click.option("--latest", "latest", is_flag=True,
+              help="Make it the resume point: the same as `cloudckpt rollback ROOT NAME` (a new timeline).")
 @click.option("--pin/--unpin", "pin", default=None, help="Pin (or unpin) it: retention never removes a pinned one.")
 @_common
 def promote_cmd(target: str, name: str | None, metric: str | None, mode: str | None, latest: bool,
                 pin: bool | None, endpoint_url: str | None, as_json: bool) -> None:
-    """Point the best (or latest) pointer at a checkpoint, and/or pin it.
+    """Point the best pointer at a checkpoint, and/or pin it; --latest rolls back to it.
 
-    This is an operator decision: it FORCES the pointer to this checkpoint even when the
-    one it names now is better (or newer), overriding the forward-only rule savers obey.
-    Running trainers keep moving the pointer forward from here when they beat it.
+    This is an operator decision: it FORCES the best pointer to this checkpoint even when the
+    one it names now is better, overriding the forward-only rule savers obey.  Running
+    trainers keep moving the pointer forward from here when they beat it.  --latest is
+    `cloudckpt rollback`: later checkpoints are superseded and a new timeline starts here.
     """
     from ..manager import CheckpointManager
 
@@ -50,7 +51,11 @@ def promote_cmd(target: str, name: str | None, metric: str | None, mode: str | N
         if metric is not None:
             changes.append(_force_best(store, manifest, metric, mode))
         if latest:
-            changes.append(_force(store, LATEST_POINTER, Pointer(manifest.name, manifest.step)))
+            before = CheckpointManager(store, capture_rng=False).latest()
+            report = CheckpointManager(store, capture_rng=False).rollback(resolved)
+            changes.append({"pointer": LATEST_POINTER, "before": before.name if before else None,
+                            "changed": True, "superseded": [m.name for m in report.superseded],
+                            "timeline": report.timeline})
         if pin is not None:
             CheckpointManager(store, capture_rng=False).pin(resolved, pinned=pin)
             changes.append({"pin": pin})
@@ -82,20 +87,8 @@ def _force_best(store: Storage, manifest: Manifest, metric: str, mode: str | Non
 
 def _force(store: Storage, key: str, pointer: Pointer) -> dict[str, Any]:
     """Compare-and-swap ``key`` to ``pointer`` whatever it names now."""
-    before: list[str | None] = [None]
-
-    def update(current: bytes | None) -> bytes | None:
-        old = None
-        if current is not None:
-            try:
-                old = Pointer.from_bytes(current, f"{store.url}/{key}")
-            except CorruptCheckpoint:
-                old = None
-        before[0] = old.target if old is not None else None
-        return None if old == pointer else pointer.to_bytes()
-
-    changed = compare_and_swap(store, key, update)
-    return {"pointer": key, "before": before[0], "changed": changed}
+    before, changed = force_pointer(store, key, pointer)
+    return {"pointer": key, "before": before, "changed": changed}
 
 
 # -- gc ------------------------------------------------------------------------------------
@@ -112,23 +105,29 @@ def _force(store: Storage, key: str, pointer: Pointer) -> dict[str, Any]:
               help="Leave unreferenced chunks younger than this (a writer may be about to commit them).")
 @click.option("--upload-age", type=_Duration(), default="1d", show_default=True,
               help="Abort multipart uploads started longer ago than this.")
+@click.option("--superseded", "superseded_age", type=_Duration(), default=None, is_flag=False, flag_value="0",
+              metavar="[AGE]", help="Also remove superseded checkpoints (of abandoned timelines), or only "
+                                    "those superseded longer ago than AGE (--superseded=7d).")
 @_common
 def gc_cmd(root: str, yes: bool, keep_last: int | None, keep_best: int | None, metric: str | None, mode: str,
-           cleanup: str, grace: _dt.timedelta, upload_age: _dt.timedelta, endpoint_url: str | None,
-           as_json: bool) -> None:
+           cleanup: str, grace: _dt.timedelta, upload_age: _dt.timedelta, superseded_age: _dt.timedelta | None,
+           endpoint_url: str | None, as_json: bool) -> None:
     """Remove checkpoints the retention options do not keep, and sweep unreferenced chunks.
 
     A dry run unless --yes.  Without --keep-last/--keep-best every checkpoint is kept and only
-    garbage (chunks of failed saves, stale multipart uploads) is cleaned.  Checkpoints named by
-    a pointer (latest, best) or pinned are always kept.
+    garbage (chunks of failed saves, chunks only quarantined manifests used, stale multipart
+    uploads) is cleaned.  Checkpoints latest or best resolve to, and pinned ones, are always
+    kept.  Superseded checkpoints are kept unless --superseded is given.
     """
     from ..manager import CheckpointManager
-    from ..retention import KeepBestK, KeepLastN, RetentionPolicy
+    from ..retention import KeepBestK, KeepLastN, KeepSuperseded, RetentionPolicy
     from ..sweeper import SweepConfig
 
     if keep_best is not None and not metric:
         raise Failure("--keep-best needs --metric (and --mode if higher is better)", EXIT_USAGE)
     policies = ([KeepLastN(keep_last)] if keep_last else []) + ([KeepBestK(keep_best)] if keep_best else [])
+    if superseded_age is not None:
+        policies.append(KeepSuperseded(days=superseded_age.total_seconds() / 86400))
     policy: RetentionPolicy | None = None
     for p in policies:
         policy = p if policy is None else policy | p
@@ -138,6 +137,7 @@ def gc_cmd(root: str, yes: bool, keep_last: int | None, keep_best: int | None, m
         mgr = CheckpointManager(store, monitor=metric, mode=mode,  # type: ignore[arg-type]
                                 retention=policy, cleanup=config, capture_rng=False)
         infos = {i.name: i for i in mgr.list()}
+        infos.update({f"superseded/{i.timeline}/{i.name}": i for i in mgr.list(superseded=True) if i.superseded})
         pinned = mgr.pinned()
         report = mgr.prune(dry_run=not yes)
     removed = report.checkpoints_removed

@@ -8,18 +8,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from ..copy import manifest_names
 from ..errors import CorruptCheckpoint, FormatVersionError, NotFound
-from ..format.manifest import Manifest, check_manifest_name, parse_manifest
+from ..format.manifest import Manifest, parse_manifest
 from ..pointers import (
     BEST_POINTER_PREFIX,
     LATEST_POINTER,
     Pointer,
-    best_pointer_key,
     is_pointer_key,
     list_pointer_keys,
     read_pointer,
 )
+from ..resolver import Resolver
 from ..storage import Storage, open_storage
 from .app import EXIT_USAGE, Failure
 
@@ -29,7 +28,15 @@ _BUCKET_SCHEMES = ("s3", "gs", "gcs")
 
 
 def split_target(target: str) -> tuple[str, str | None]:
-    """``ROOT[/NAME]`` -> (root, name or None): a last component ending in ``.ckpt`` is a name."""
+    """``ROOT[/NAME]`` or ``ROOT@WHICH`` -> (root, which or None).
+
+    A last component ending in ``.ckpt`` is a name; ``@`` in the last component chooses a
+    checkpoint the one way every command understands: ``ROOT@latest``, ``ROOT@best``,
+    ``ROOT@NAME``, ``ROOT@STEP``, ``ROOT@timeline:ID``.
+    """
+    head, at, choice = target.rpartition("@")
+    if at and "/" not in choice.replace("timeline:", "") and head:
+        return head, choice
     scheme = urlparse(target).scheme if "://" in target else ""
     if scheme in _BUCKET_SCHEMES:
         parsed = urlparse(target)
@@ -114,50 +121,43 @@ def _manifests(store: Storage, names: list[str]) -> dict[str, Manifest | Excepti
 
 
 def resolve(store: Storage, which: str | None, *, metric: str | None = None) -> str:
-    """The checkpoint name ``which`` stands for: None/latest, best, a pointer, a step or a name."""
-    names = manifest_names(store)
-    if which in (None, "latest", LATEST_POINTER):
-        pointer = _read_pointer_or_none(store, LATEST_POINTER)
-        if pointer is not None and pointer.target in names:
-            return pointer.target
-        readable = [m for m in _manifests(store, names).values() if isinstance(m, Manifest)]
-        if not readable:
-            raise NotFound(f"{store.url}: no checkpoint here" if not names
-                           else f"{store.url}: no readable checkpoint here")
-        return max(readable, key=lambda m: (m.step, m.created)).name
-    if which == "best" or (which.startswith(BEST_POINTER_PREFIX) and is_pointer_key(which)):
-        key = which if which != "best" else _best_key(store, metric)
-        pointer = read_pointer(store, key)
-        if pointer is None:
-            raise NotFound(f"{store.url}/{key}: no such best pointer")
-        if pointer.target not in names:
-            raise NotFound(f"{store.url}/{key} names {pointer.target}, which does not exist")
-        return pointer.target
-    if which.isdigit():
-        step = int(which)
-        matching = [m for m in _manifests(store, names).values() if isinstance(m, Manifest) and m.step == step]
-        if not matching:
-            raise NotFound(f"{store.url}: no checkpoint of step {step}")
-        return max(matching, key=lambda m: m.created).name
+    """The key ``which`` stands for, by the library's one rule (:mod:`cloudckpt.resolver`):
+    None/latest, best, a pointer, a step, a name, or ``timeline:ID``."""
+    resolver = Resolver(store)
+    monitor, mode = None, "min"
+    choice: str | int = "latest" if which in (None, "latest", LATEST_POINTER) else which
+    if choice == "best" or (isinstance(choice, str) and choice.startswith(BEST_POINTER_PREFIX)
+                            and is_pointer_key(choice)):
+        if choice != "best":
+            pointer = read_pointer(store, choice)
+            if pointer is None:
+                raise NotFound(f"{store.url}/{choice}: no such best pointer")
+            metric = pointer.metric
+        try:
+            monitor, mode = resolver.best_metric(metric)
+        except ValueError as exc:
+            raise Failure(f"{exc} with --metric", EXIT_USAGE) from exc
+        choice = "best"
+    elif isinstance(choice, str) and choice.isdigit():
+        choice = int(choice)
     try:
-        check_manifest_name(which)
+        found = resolver.candidates(choice, monitor=monitor, mode=mode)
     except ValueError as exc:
-        raise Failure(f"{exc}; or use latest, best or a step number", EXIT_USAGE) from exc
-    if which not in names:
-        raise NotFound(f"{store.url}/{which}: no such checkpoint")
-    return which
+        raise Failure(f"{exc}; or use latest, best, a step number or timeline:ID", EXIT_USAGE) from exc
+    if not found:
+        raise NotFound(f"{store.url}: no checkpoint here" if not resolver.catalog.names()
+                       else f"{store.url}: no readable live checkpoint here")
+    if isinstance(choice, str) and choice not in ("latest", "best") and not resolver_has(store, found[0]):
+        raise NotFound(f"{store.url}/{choice}: no such checkpoint")
+    return found[0]
 
 
-def _best_key(store: Storage, metric: str | None) -> str:
-    if metric:
-        return best_pointer_key(metric)
-    keys = list_pointer_keys(store)[1:]
-    if len(keys) == 1:
-        return keys[0]
-    if not keys:
-        raise NotFound(f"{store.url}: no best pointer here")
-    raise Failure(f"{store.url} has several best pointers ({', '.join(keys)}); choose one with --metric",
-                  EXIT_USAGE)
+def resolver_has(store: Storage, key: str) -> bool:
+    try:
+        store.head(key)
+    except NotFound:
+        return False
+    return True
 
 
 def _target(root_arg: str, name_arg: str | None) -> tuple[str, str | None]:

@@ -14,6 +14,7 @@ import click
 from ..copy import Copier, CopyStats, manifest_names
 from ..errors import CloudCkptError, NotFound
 from ..format.manifest import Manifest
+from ..resolver import Resolver
 from ..storage import Storage
 from ..transfer import TransferConfig
 from .app import EXIT_FAILURE, EXIT_USAGE, Failure, _common, _progress_option, cli
@@ -78,8 +79,9 @@ def cp_cmd(source: str, dest: str, src_endpoint_url: str | None, dst_endpoint_ur
                 results.append({"name": bad, "error": str(error)})
                 if not as_json:
                     click.echo(f"cloudckpt: error: {bad}: not copied: {error}", err=True)
+            live = Resolver(src).view(pointers=False).live_names()  # superseded ones stay behind
             names = [m.name for m in sorted((m for m in manifests.values() if isinstance(m, Manifest)),
-                                            key=lambda m: (m.step, m.created))]
+                                            key=lambda m: (m.step, m.created)) if m.name in live]
             if not names and not failures:
                 raise NotFound(f"{src.url}: no checkpoint to copy")
         copier = Copier(src, dst, full_verify=full_verify)
@@ -119,6 +121,10 @@ def restore_cmd(source: str, dest: str | None, export: Path | None, key: str, me
     """
     if dest is None and export is None:
         raise Failure("give a local directory DEST to copy the checkpoint to, or --export FILE", EXIT_USAGE)
+    if dest is not None and not Path(dest).is_dir() and (
+            dest in ("latest", "best") or dest.isdigit() or dest.endswith(".ckpt")):
+        raise Failure(f"DEST {dest!r} looks like a choice of checkpoint, not a directory: write "
+                      f"`cloudckpt restore {source}@{dest} DIR` (or ./{dest} for a directory of that name)", EXIT_USAGE)
     if dest is not None and (urlparse(dest).scheme if "://" in dest else "") not in ("", "file"):
         raise Failure(f"restore writes to a local directory, not {dest}; use `cloudckpt cp` between stores",
                       EXIT_USAGE)

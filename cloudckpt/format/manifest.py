@@ -25,8 +25,11 @@ from .dtypes import TENSOR_DTYPES
 from .serialize import Segment
 
 FORMAT_NAME = "cloudckpt"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+#: The timeline of every checkpoint written before timelines existed (format versions 1 and 2).
+MAIN_TIMELINE = "main"
+_TIMELINE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MANIFEST_SUFFIX = ".ckpt"
 REASONS = ("periodic", "best", "manual", "exception", "preemption", "final")
 COMPRESSIONS = ("none", "zstd")
@@ -76,6 +79,23 @@ class TensorEntry:
     segments: tuple[Segment, ...]
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """Where a checkpoint's run came from: its timeline (branch) and the checkpoint it continues.
+
+    ``parent`` is the checkpoint the state was restored from or last saved as by the same
+    process (None for the first save of a fresh start).  ``timeline`` names the branch of the
+    root's history the checkpoint belongs to; see :mod:`cloudckpt.timeline`.
+    """
+
+    timeline: str = MAIN_TIMELINE
+    parent: str | None = None
+
+
+def is_timeline_id(text: object) -> bool:
+    return isinstance(text, str) and bool(_TIMELINE_ID.match(text))
+
+
 @dataclass
 class Manifest:
     """Everything a reader needs to locate, verify and rebuild one checkpoint."""
@@ -94,6 +114,7 @@ class Manifest:
     host: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     pickled: bool = False
+    lineage: Lineage = field(default_factory=Lineage)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -123,6 +144,7 @@ class Manifest:
             "host": self.host,
             "config": self.config,
             "pickled": self.pickled,
+            "lineage": {"timeline": self.lineage.timeline, "parent": self.lineage.parent},
             "compression": self.compression,
             "hash_algorithm": "blake3",
             "checksum_algorithm": "crc32c",
@@ -202,6 +224,15 @@ def _v1_to_v2(body: dict[str, Any]) -> dict[str, Any]:
         for c in body.get("chunks", [])
     ]
     body["format_version"] = 2
+    return body
+
+
+@migration(2)
+def _v2_to_v3(body: dict[str, Any]) -> dict[str, Any]:
+    """v2 had no timelines: every checkpoint of an old root is on the one timeline ``main``."""
+    body = dict(body)
+    body["lineage"] = {"timeline": MAIN_TIMELINE, "parent": None}
+    body["format_version"] = 3
     return body
 
 
@@ -286,6 +317,7 @@ def _validate(body: dict[str, Any], where: str) -> Manifest:
         host=str(body.get("host", "")),
         config=v.dict(body, "config"),
         pickled=pickled,
+        lineage=v.lineage(body),
     )
 
 
@@ -319,6 +351,17 @@ class _Validator:
         if not isinstance(value, dict):
             raise self.fail(f"{key!r} must be an object, got {type(value).__name__}")
         return value
+
+    def lineage(self, body: dict) -> Lineage:
+        raw = body.get("lineage")
+        if not isinstance(raw, dict):
+            raise self.fail("'lineage' must be an object with 'timeline' and 'parent'")
+        timeline, parent = raw.get("timeline"), raw.get("parent")
+        if not is_timeline_id(timeline):
+            raise self.fail(f"lineage: timeline {str(timeline)[:80]!r} is not a timeline id")
+        if parent is not None and not (isinstance(parent, str) and is_manifest_name(parent)):
+            raise self.fail(f"lineage: parent {str(parent)[:80]!r} is not a checkpoint name")
+        return Lineage(timeline, parent)
 
     def chunk(self, raw: Any, index: int, compression: str) -> ChunkRef:
         if not isinstance(raw, dict):

@@ -99,7 +99,12 @@ class FaultyStorage(Storage):
             raise PermissionDenied(f"injected permanent failure: {where}")
         if fault is not None and fault.kind == "crash_before":
             raise SimulatedCrash(f"crash before {where}")
-        result = fn()
+        try:
+            result = fn()
+        except Exception as exc:  # the call answered with an error; a process can die right after that too
+            if fault is not None and fault.kind == "crash_after":
+                raise SimulatedCrash(f"crash after {where} (which failed: {type(exc).__name__})") from exc
+            raise
         if nbytes:
             with self._lock:
                 self.bytes_put += nbytes

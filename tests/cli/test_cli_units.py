@@ -79,14 +79,17 @@ def test_promote_forces_pointers_and_pins(tmp_path):
         pointer = read_pointer(store, "best_model_val_loss.ckpt")
     assert (pointer.target, pointer.value, pointer.mode) == (NAMES[30], 0.7, "min")
 
+    assert "unpinned" in invoke("promote", root, NAMES[30], "--unpin").stdout
+    # --latest is the rollback: a new timeline at step 10, the later checkpoints superseded (kept)
     rollback = invoke("promote", root, "10", "--latest", "--json")
     assert rollback.returncode == 0, str(rollback)
-    assert json.loads(rollback.stdout)["changes"] == [{"pointer": LATEST_POINTER, "before": NAMES[30], "changed": True}]
+    change, = json.loads(rollback.stdout)["changes"]
+    assert (change["pointer"], change["before"], change["superseded"]) == (LATEST_POINTER, NAMES[30],
+                                                                           [NAMES[20], NAMES[30]])
     listing = json.loads(invoke("ls", root, "--json").stdout)
-    flags = {c["name"]: (c["pointers"], c["pinned"]) for c in listing["checkpoints"]}
-    assert flags == {NAMES[10]: (["latest.ckpt"], False), NAMES[20]: ([], False),
-                     NAMES[30]: (["best_model_val_loss.ckpt"], True)}
-    assert "unpinned" in invoke("promote", root, NAMES[30], "--unpin").stdout
+    flags = {c["name"]: c["pointers"] for c in listing["checkpoints"]}
+    assert flags == {NAMES[10]: ["latest.ckpt", "best_model_val_loss.ckpt"]}
+    assert sorted(c["name"] for c in listing["superseded"]) == [NAMES[20], NAMES[30]]
 
     nothing = invoke("promote", f"{root}/{NAMES[30]}")
     assert nothing.returncode == 2 and "nothing to do" in nothing.stderr

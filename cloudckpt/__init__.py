@@ -7,6 +7,7 @@ from .errors import (
     FormatVersionError,
     InvalidKey,
     NotFound,
+    PartialRestore,
     PermissionDenied,
     PreconditionFailed,
     TransientError,
@@ -17,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyExists", "CloudCkptError", "CorruptCheckpoint", "FormatVersionError", "IfMatch",
-    "InvalidKey", "MemoryStorage", "NotFound", "PermissionDenied", "PreconditionFailed",
+    "InvalidKey", "MemoryStorage", "NotFound", "PartialRestore", "PermissionDenied", "PreconditionFailed",
     "RetryPolicy", "Storage", "TransientError", "open_storage", "__version__",
 ]
 

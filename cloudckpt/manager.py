@@ -30,11 +30,11 @@ from .pointers import (
     update_json,
 )
 from .reader import ReadStats, read_tensors, verify_chunks
-from .restore import apply_state, match_destinations, select
 from .retention import RetentionContext, as_policy, best_first
 from .snapshot import HostBufferPool, Snapshot
 from .state import RNG_KEY, RNGState
 from .storage import Storage, open_storage
+from .transaction import restore_checkpoint
 from .sweeper import SweepConfig, Sweeper, SweepReport, referenced_chunks
 from .transfer import TransferConfig
 from .writer import WriteStats, host_copy, write_checkpoint
@@ -293,29 +293,13 @@ class CheckpointManager:
 
     def restore_manifest(self, manifest: Manifest, state: MutableMapping[str, Any], *,
                          map_location: str | torch.device | None = None, keys: list[str] | None = None) -> None:
-        """Restore one parsed manifest into ``state`` in place, without fallback (see :meth:`restore`)."""
-        saved_tree = manifest.state
-        if not isinstance(saved_tree, dict):
-            raise CorruptCheckpoint(f"{self.store.url}/{manifest.name}: state tree is not an object")
-        where = f"{self.store.url}/{manifest.name}"
-        chosen = select(state, keys, saved_tree, where)
-        restore_rng = self.capture_rng and keys is None and RNG_KEY in saved_tree
-        wanted_keys = set(chosen) | ({RNG_KEY} if restore_rng else set())
-        subtree = _subtree(saved_tree, wanted_keys)
-        live = flatten(chosen, allow_pickle=True)
-        destinations = match_destinations(subtree, live.tree, live.tensors)
-        if map_location is not None:
-            destinations = {}
-        indices = _tensor_indices(subtree)
-        tensors, _ = read_tensors(self.store, manifest, destinations, self.transfer, only=indices)
-        if map_location is not None:
-            tensors = {i: t.to(map_location) for i, t in tensors.items()}
-        table = [tensors.get(i, _ABSENT) for i in range(len(manifest.tensors))]
-        loaded = self._unflatten(manifest, subtree, table)
-        rng = loaded.pop(RNG_KEY, None)
-        apply_state(state, {k: loaded[k] for k in chosen})
-        if rng is not None:
-            RNGState().load_state_dict(dict(rng))
+        """Restore one parsed manifest into ``state`` in place, without fallback (see :meth:`restore`).
+
+        All or nothing: a failure leaves every object of ``state`` and the RNG as they were
+        (see :mod:`cloudckpt.transaction`).
+        """
+        restore_checkpoint(self.store, manifest, state, self.transfer, keys=keys, map_location=map_location,
+                           restore_rng=self.capture_rng, allow_pickle=self.allow_pickle)
 
     def load(self, which: Which = "latest", *, map_location: str | torch.device | None = None,
              restore_rng: bool = False) -> tuple[dict[str, Any], CheckpointInfo]:
@@ -465,9 +449,6 @@ class CheckpointManager:
         return f"CheckpointManager({self.store.url!r})"
 
 
-_ABSENT: Any = torch.empty(0)
-
-
 class _UnreadableManifest(CloudCkptError):
     pass
 
@@ -482,29 +463,6 @@ def metric_value(name: Any, value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}") from exc
-
-
-def _subtree(tree: dict[str, Any], keys: set[str]) -> dict[str, Any]:
-    return {k: v for k, v in tree.items() if k in keys}
-
-
-def _tensor_indices(tree: Any) -> set[int]:
-    found: set[int] = set()
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            index = node.get("__tensor__", node.get("__ndarray__"))
-            if isinstance(index, int) and len(node) == 1:
-                found.add(index)
-                return
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(tree)
-    return found
 
 
 def _plain(value: Any) -> Any:

@@ -85,8 +85,8 @@ class StagedRead:
             raise RuntimeError("this staged read was already committed or released")
         views = {i: byte_view(t) for i, t in self._live.items()}
         try:
-            for index, buffer in self._held.items():
-                self._copy_live(index, buffer, views)
+            run_parallel(lambda item: self._copy_live(item[0], item[1], views), list(self._held.items()),
+                         workers=self._fetcher.transfer.concurrency, name="cloudckpt-commit")
             settle(list(self._live.values()))
             if self._reread:
                 self._second_pass(views)

@@ -35,11 +35,9 @@ class StagingPool:
         """A flat uint8 buffer of at least ``nbytes``; blocks while the budget is in use."""
         with self._cond:
             while True:
-                fitting = [b for b in self._free if b.numel() >= nbytes]
-                if fitting:
-                    buffer = min(fitting, key=torch.Tensor.numel)
-                    self._free.remove(buffer)
-                    return buffer
+                fitting = [n for n, b in enumerate(self._free) if b.numel() >= nbytes]
+                if fitting:  # the smallest that fits (by position: tensors compare elementwise)
+                    return self._free.pop(min(fitting, key=lambda n: self._free[n].numel()))
                 if self._allocated + nbytes <= self.budget or self._allocated == 0:
                     break
                 if self._free:  # a free buffer too small to reuse: make room for a bigger one

@@ -4,6 +4,7 @@ progress and RNG are bit-identical to what they were before the call (issue 12, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 
@@ -24,6 +25,9 @@ SMALL = TransferConfig(chunk_size=16 * KiB, pack_threshold=4 * KiB, pack_size=4 
 #: The same, with a staging budget smaller than the state: the restore verifies everything, then reads again.
 TWO_PASS = TransferConfig(chunk_size=16 * KiB, pack_threshold=4 * KiB, pack_size=4 * KiB, range_size=8 * KiB,
                           staging_budget=32 * KiB)
+#: Two passes over zstd-compressed chunks: what is verified and staged is the decompressed content.
+TWO_PASS_ZSTD = dataclasses.replace(TWO_PASS, compression="zstd")
+PASSES = pytest.mark.parametrize("transfer", [SMALL, TWO_PASS, TWO_PASS_ZSTD], ids=["one-pass", "two-pass", "zstd"])
 
 
 class Run:
@@ -88,7 +92,7 @@ def _assert_untouched(run: Run, before: dict) -> None:
     assert_same_tree(run.snapshot(), before)
 
 
-@pytest.mark.parametrize("transfer", [SMALL, TWO_PASS], ids=["one-pass", "two-pass"])
+@PASSES
 def test_a_corrupt_chunk_in_the_middle_leaves_everything_untouched(any_store, transfer):
     run = _saved_run(any_store, transfer)
     key = _middle_chunk(any_store)
@@ -101,7 +105,7 @@ def test_a_corrupt_chunk_in_the_middle_leaves_everything_untouched(any_store, tr
     _assert_untouched(run, before)
 
 
-@pytest.mark.parametrize("transfer", [SMALL, TWO_PASS], ids=["one-pass", "two-pass"])
+@PASSES
 def test_a_storage_error_in_the_middle_of_the_read_leaves_everything_untouched(any_store, transfer):
     run = _saved_run(any_store, transfer)
     failing = FaultyStorage(any_store, [Fault("get", nth=6, kind="permanent", key_prefix="chunks/")])
@@ -149,7 +153,7 @@ def test_a_saved_rng_state_that_does_not_load_leaves_everything_untouched(any_st
     _assert_untouched(run, before)
 
 
-@pytest.mark.parametrize("transfer", [SMALL, TWO_PASS], ids=["one-pass", "two-pass"])
+@PASSES
 def test_a_good_restore_is_bit_exact(any_store, transfer):
     run = Run()
     run.train(3)

@@ -75,3 +75,14 @@ def test_live_tensors_are_written_only_on_commit_and_staging_stays_within_budget
     assert all(torch.equal(a, b) for a, b in zip(live, saved))
     assert staged.stats.passes == (2 if budget < 32 * KiB else 1)
     assert staged.stats.staging_peak <= max(budget, 8 * KiB)
+
+
+def test_the_smallest_fitting_buffer_is_reused_whatever_its_contents():
+    pool = StagingPool(64 * KiB)
+    big, small = pool.take(32 * KiB), pool.take(8 * KiB)
+    big.fill_(1)
+    small.fill_(2)
+    pool.give(big)
+    pool.give(small)
+    assert pool.take(4 * KiB).data_ptr() == small.data_ptr()
+    assert pool.take(4 * KiB).data_ptr() == big.data_ptr()

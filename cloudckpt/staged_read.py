@@ -136,6 +136,11 @@ class StagedRead:
             ) from exc
 
 
+def chunks_of(manifest: Manifest, tensors: set[int]) -> list[int]:
+    """The chunk indices holding bytes of ``tensors``."""
+    return sorted({seg.chunk_index for i in tensors for seg in manifest.tensors[i].segments})
+
+
 def _memory(buffer: torch.Tensor, nbytes: int) -> memoryview:
     return buffer[:nbytes].numpy().data
 
@@ -148,20 +153,22 @@ def stage_tensors(
     *,
     only: set[int] | None = None,
     full_verify: bool = False,
+    sizes_checked: bool = False,
 ) -> StagedRead:
     """Read and verify the tensors of ``manifest`` (all, or the indices in ``only``) without writing
     any tensor of ``destinations``; :meth:`StagedRead.commit` writes them.
 
     A destination that matches its record in dtype and shape (and is contiguous) is the tensor
     returned for its index and is filled in place on commit; every other index gets a new CPU tensor.
+    ``sizes_checked``: the caller already ran :func:`~cloudckpt.reader.check_chunk_sizes` on them.
     """
     wanted = set(range(len(manifest.tensors))) if only is None else only
     unknown = sorted(i for i in wanted if not 0 <= i < len(manifest.tensors))
     if unknown:
         raise CorruptCheckpoint(f"{store.url}/{manifest.name}: the state tree refers to tensor {unknown[0]}, "
                                 f"but the manifest lists {len(manifest.tensors)} tensors")
-    needed = sorted({seg.chunk_index for i in wanted for seg in manifest.tensors[i].segments})
-    check_chunk_sizes(store, manifest, needed, transfer)
+    if not sizes_checked:
+        check_chunk_sizes(store, manifest, chunks_of(manifest, wanted), transfer)
     records = {i: TensorRecord.from_json({"dtype": e.dtype, "shape": list(e.shape),
                                           "device": e.device, "nbytes": e.nbytes})
                for i, e in enumerate(manifest.tensors) if i in wanted}

@@ -2,8 +2,8 @@
 
 The order is what makes it one:
 
-1. Before any read: the entries asked for exist, every live tensor paired with a
-   saved one has its shape, and every chunk exists with its declared size (HEAD).
+1. Before any read: the entries asked for exist, every chunk exists with its
+   declared size (HEAD), and every live tensor paired with a saved one has its shape.
 2. Every chunk is read and verified into bounded staging memory
    (:func:`~cloudckpt.staged_read.stage_tensors`); no live tensor is written.
 3. The state tree is decoded, and what ``load_state_dict`` would refuse (a
@@ -29,7 +29,8 @@ from .errors import CorruptCheckpoint
 from .format.manifest import Manifest
 from .format.serialize import flatten, unflatten
 from .restore import apply_state, check_loadable, check_shapes, match_destinations, pair_tensors, select
-from .staged_read import stage_tensors
+from .reader import check_chunk_sizes
+from .staged_read import chunks_of, stage_tensors
 from .state import RNG_KEY, RNGState
 from .storage.base import Storage
 from .transfer import TransferConfig
@@ -61,10 +62,16 @@ def restore_checkpoint(
     wanted = set(chosen) | ({RNG_KEY} if restore_rng and keys is None and RNG_KEY in saved_tree else set())
     subtree = {k: v for k, v in saved_tree.items() if k in wanted}
     live = flatten(chosen, allow_pickle=True)
+    indices = tensor_indices(subtree)
+    unknown = sorted(i for i in indices if not 0 <= i < len(manifest.tensors))
+    if unknown:
+        raise CorruptCheckpoint(f"{where}: the state tree refers to tensor {unknown[0]}, "
+                                f"but the manifest lists {len(manifest.tensors)} tensors")
+    check_chunk_sizes(store, manifest, chunks_of(manifest, indices), transfer)
     check_shapes(pair_tensors(subtree, live.tree, live.tensors), [t.shape for t in manifest.tensors])
     destinations = {} if map_location is not None else match_destinations(subtree, live.tree, live.tensors)
 
-    staged = stage_tensors(store, manifest, destinations, transfer, only=tensor_indices(subtree))
+    staged = stage_tensors(store, manifest, destinations, transfer, only=indices, sizes_checked=True)
     try:
         tensors = staged.tensors
         if map_location is not None:

@@ -34,6 +34,7 @@ from botocore.exceptions import (
 
 from ..errors import (
     CloudCkptError,
+    CorruptCheckpoint,
     NotFound,
     TransientError,
 )
@@ -83,6 +84,20 @@ def _full_object_crc32c(response: dict[str, Any]) -> str | None:
     if not value or "-" in value or response.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
         return None
     return crc32c_hex_from_b64(value)
+
+
+_SILENT_STORES: set[str] = set()
+
+
+def _reported_crc32c(url: str, response: dict[str, Any]) -> str | None:
+    """The full-object CRC32C (hex) that S3 reported in ``response``; None, logged once per store, when
+    it reported none (some S3-compatible stores): uploads are then checked by size only."""
+    crc = _full_object_crc32c(response)
+    if crc is None and url not in _SILENT_STORES:
+        _SILENT_STORES.add(url)
+        log.warning("%s reports no CRC32C of what it stored; uploads are checked by their size only. "
+                    "TransferConfig(verify='read-back') reads every chunk back before the commit.", url)
+    return crc
 
 
 class _BufferReader(io.RawIOBase):
@@ -207,7 +222,7 @@ class S3Storage(Storage):
                 Bucket=self.bucket, Key=full, Body=_body(data),
                 ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc, **conditions,
             )
-        return ObjectInfo(key=key, size=size, token=response["ETag"], crc32c=crc32c_hex_from_b64(crc))
+        return ObjectInfo(key=key, size=size, token=response["ETag"], crc32c=_reported_crc32c(self.url, response))
 
     def get(self, key: str, range: tuple[int, int] | None = None) -> bytes:
         """Return the object, or bytes ``[start, end)`` of it (fewer if it ends sooner)."""
@@ -402,6 +417,11 @@ class _S3Upload(MultipartUpload):
                 Bucket=self._store.bucket, Key=self._full, UploadId=self._upload_id, PartNumber=number,
                 Body=_body(data), ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc,
             )
+        reported = response.get("ChecksumCRC32C")
+        if reported is not None and reported != crc:
+            raise CorruptCheckpoint(
+                f"{self._store.url}/{self.key}: S3 reports CRC32C {crc32c_hex_from_b64(reported)} for part "
+                f"{number}, but {crc32c_hex_from_b64(crc)} was sent")
         with self._lock:
             self._parts[number] = _Part(response["ETag"], crc, memoryview(data).nbytes)
 
@@ -446,11 +466,17 @@ class _S3Upload(MultipartUpload):
                 **_condition_args(self._mode),
             )
         log.debug("completed multipart upload %s of %s", self._upload_id, self._full)
+        crc = _full_object_crc32c(response)
+        if crc is None:  # not every store reports it on completion (moto does not): ask for it
+            with self._store._translated("head", self._full):
+                response = {**self._store._client.head_object(
+                    Bucket=self._store.bucket, Key=self._full, ChecksumMode="ENABLED"), "ETag": response["ETag"]}
+            crc = _reported_crc32c(self._store.url, response)
         return ObjectInfo(
             key=self.key,
             size=sum(part.size for _, part in parts),
             token=response["ETag"],
-            crc32c=_full_object_crc32c(response),
+            crc32c=crc,
         )
 
     def _check_if_match(self) -> None:

@@ -46,6 +46,9 @@ class CheckpointInfo:
     reason: str
     pointers: tuple[str, ...] = ()
     stats: WriteStats | None = field(default=None, compare=False, repr=False)
+    #: What failed after the commit of the save that returned this info (pointers, index, retention);
+    #: the checkpoint is committed regardless, and the next save tries those steps again.
+    problems: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
     def of(cls, manifest: Manifest, pointers: tuple[str, ...] = (), stats: WriteStats | None = None) -> "CheckpointInfo":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -19,6 +20,7 @@ from .errors import CloudCkptError, CorruptCheckpoint, NotFound
 from .format.manifest import ChunkRef, Manifest, check_manifest_name
 from .format.serialize import StateDict, flatten, has_pickled_leaves, unflatten
 from .pipeline import BackgroundSaver, SaveHandle
+from .post_commit import check_manager_config, run_after_commit
 from .pointers import (
     LATEST_POINTER,
     STATE_KEY,
@@ -74,6 +76,9 @@ class CheckpointManager:
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        retention = None if retention is None else as_policy(retention)
+        check_manager_config(monitor=monitor, mode=mode, retention=retention, cleanup=cleanup,
+                             transfer=transfer, top_k=top_k)
         if isinstance(root, Storage):
             if storage_options:
                 raise TypeError("storage_options apply only when root is a URL or path")
@@ -82,7 +87,7 @@ class CheckpointManager:
             self.store = open_storage(root, **dict(storage_options or {}))
         self.monitor = monitor
         self.mode = mode
-        self.retention = None if retention is None else as_policy(retention)
+        self.retention = retention
         self.sweeper = Sweeper(self.store, cleanup)
         self.async_save = async_save
         self.transfer = transfer or TransferConfig()
@@ -153,18 +158,31 @@ class CheckpointManager:
     def after_commit(self, manifest: Manifest, stats: WriteStats | None = None) -> CheckpointInfo:
         """Everything that follows a commit: pointers, the run's index, retention.
 
+        Never raises for a failure of these steps: the checkpoint is committed.  Failures are
+        logged and listed in the returned info's ``problems``; the next save runs them again.
         For writers that commit manifests themselves (e.g. ``cloudckpt.distributed``).
         """
+        moved: list[str] = []
+
+        def latest() -> None:
+            if advance_latest(self.store, Pointer(manifest.name, manifest.step)):
+                moved.append(LATEST_POINTER)
+
+        def best() -> None:
+            if self._promote_best(manifest):
+                moved.append(best_pointer_key(self.monitor))
+
+        def index() -> None:
+            update_json(self.store, STATE_KEY, lambda body: run_index.record(
+                body, manifest, monitor=self.monitor, mode=self.mode, top_k=self.top_k))
+
+        steps = [("moving latest.ckpt", latest), ("moving the best pointer", best), ("updating the run index", index)]
+        if self.retention is not None:
+            steps.append(("retention", self.prune))
         with self._lock:
             self.catalog.remember(manifest)
-            pointers = self._move_pointers(manifest)
-            if self.retention is not None:
-                try:
-                    self.prune()
-                except CloudCkptError as exc:  # the checkpoint is committed; cleanup retries next time
-                    log.error("retention after %s failed (it will be retried after the next save): %s",
-                              manifest.name, exc)
-        return CheckpointInfo.of(manifest, pointers, stats)
+            problems = run_after_commit(manifest.name, steps)
+        return dataclasses.replace(CheckpointInfo.of(manifest, tuple(moved), stats), problems=problems)
 
     def _with_rng(self, state: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(state, Mapping):
@@ -180,16 +198,6 @@ class CheckpointManager:
         """Chunks of the checkpoints committed right now (listed afresh: another writer's
         retention may have removed a checkpoint since the last save)."""
         return {c.key: c for m in self.catalog.readable(self.catalog.names()) for c in m.chunks}
-
-    def _move_pointers(self, manifest: Manifest) -> tuple[str, ...]:
-        moved = []
-        if advance_latest(self.store, Pointer(manifest.name, manifest.step)):
-            moved.append(LATEST_POINTER)
-        if self._promote_best(manifest):
-            moved.append(best_pointer_key(self.monitor))
-        update_json(self.store, STATE_KEY, lambda body: run_index.record(
-            body, manifest, monitor=self.monitor, mode=self.mode, top_k=self.top_k))
-        return tuple(moved)
 
     def _promote_best(self, manifest: Manifest) -> bool:
         if not self.monitor or not manifest.metrics:

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from .errors import AlreadyExists, CorruptCheckpoint
+from .errors import AlreadyExists, CloudCkptError, CorruptCheckpoint
 from .format.dtypes import record_of, tensor_bytes
-from .format.manifest import ChunkRef, Manifest, TensorEntry, chunk_key
+from .format.manifest import ChunkRef, Manifest, TensorEntry, chunk_key, parse_manifest
 from .format.compression import compress
 from .format.serialize import ChunkPlan, plan_chunks
 from .hashing import blake3_hex, crc32c_hex
@@ -149,15 +149,41 @@ def upload_tensors(
     return Uploaded(entries, chunks, uploader.stats)
 
 
-def commit_manifest(store: Storage, manifest: Manifest) -> None:
-    """Write ``manifest`` create-only: from this moment the checkpoint exists."""
+#: Manifest fields that differ between two saves of the same content (when and where it was written).
+_VOLATILE = {"created", "host", "library_version", "manifest_sha256"}
+
+
+def same_checkpoint(a: Manifest, b: Manifest) -> bool:
+    """Whether two manifests hold the same checkpoint (state, tensors, chunks, step, metrics...),
+    whenever and wherever each was written."""
+    content = [{k: v for k, v in m.to_json().items() if k not in _VOLATILE} for m in (a, b)]
+    return content[0] == content[1]
+
+
+def commit_manifest(store: Storage, manifest: Manifest) -> Manifest:
+    """Write ``manifest`` create-only: from this moment the checkpoint exists.  Returns the committed
+    manifest: ``manifest``, or the one already stored under its name when that holds the same
+    checkpoint (a retried save is a no-op); AlreadyExists when it holds another."""
     try:
         store.put(manifest.name, manifest.to_bytes(), mode="create")
     except AlreadyExists as exc:
+        existing = _committed(store, manifest.name)
+        if existing is not None and same_checkpoint(existing, manifest):
+            log.info("%s/%s is already committed with the same content; the save is a no-op",
+                     store.url, manifest.name)
+            return existing
         raise AlreadyExists(
-            f"{store.url}/{manifest.name}: a checkpoint of that name is already committed; "
+            f"{store.url}/{manifest.name}: a different checkpoint of that name is already committed; "
             "it was kept as it is. Save under another name or step."
         ) from exc
+    return manifest
+
+
+def _committed(store: Storage, name: str) -> Manifest | None:
+    try:
+        return parse_manifest(store.get(name), f"{store.url}/{name}")
+    except (CloudCkptError, ValueError):
+        return None
 
 
 def write_checkpoint(
@@ -178,7 +204,7 @@ def write_checkpoint(
     uploaded = upload_tensors(store, tensors, transfer, known_chunks, devices)
     manifest = Manifest(name=name, tensors=uploaded.tensors, chunks=uploaded.chunks,
                         compression=transfer.compression, state=tree, **metadata)
-    commit_manifest(store, manifest)
+    manifest = commit_manifest(store, manifest)
     stats = uploaded.stats
     log.info(
         "committed %s/%s: %d chunks uploaded (%.1f MiB), %d reused (%.1f MiB)",

@@ -86,3 +86,20 @@ def test_the_smallest_fitting_buffer_is_reused_whatever_its_contents():
     pool.give(small)
     assert pool.take(4 * KiB).data_ptr() == small.data_ptr()
     assert pool.take(4 * KiB).data_ptr() == big.data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("budget", [4 * KiB, 1024 * KiB])
+def test_cuda_destinations_are_staged_in_pinned_memory_and_written_only_on_commit(budget):
+    store = MemoryStorage()
+    transfer = TransferConfig(chunk_size=8 * KiB, pack_threshold=2 * KiB, pack_size=2 * KiB, staging_budget=budget)
+    saved = [torch.randn(3000), torch.randn(100)]
+    write_checkpoint(store, name="a.ckpt", tree={"t": [{"__tensor__": i} for i in range(2)]}, tensors=saved,
+                     metadata=dict(step=1, epoch=None, reason="manual", metrics={}, created="2026-01-01T00:00:00Z"),
+                     transfer=transfer, known_chunks={})
+    live = [torch.zeros(3000, device="cuda"), torch.zeros(100, device="cuda")]
+    assert wants_pinned(live)
+    staged = stage_tensors(store, load_manifest(store, "a.ckpt"), dict(enumerate(live)), transfer)
+    assert staged._pool.pinned and all(not t.any() for t in live)
+    staged.commit()
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(live, saved))

@@ -52,6 +52,7 @@ from .base import (
     check_range,
 )
 from .lifecycle import EXPIRED_TAG_KEY, EXPIRED_TAG_VALUE
+from .s3_checksums import full_object_crc32c, reported_crc32c
 from .s3_errors import Call, error_for_code, precondition_error, translate_error
 
 __all__ = ["S3Storage", "translate_error"]
@@ -76,28 +77,6 @@ def _condition_args(mode: PutMode) -> dict[str, str]:
     if isinstance(mode, IfMatch):
         return {"IfMatch": mode.token}
     raise ValueError(f"unknown put mode {mode!r}; use 'overwrite', 'create' or IfMatch(token)")
-
-
-def _full_object_crc32c(response: dict[str, Any]) -> str | None:
-    """The object's CRC32C (hex) if S3 reported one covering the whole object."""
-    value = response.get("ChecksumCRC32C")
-    if not value or "-" in value or response.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
-        return None
-    return crc32c_hex_from_b64(value)
-
-
-_SILENT_STORES: set[str] = set()
-
-
-def _reported_crc32c(url: str, response: dict[str, Any]) -> str | None:
-    """The full-object CRC32C (hex) that S3 reported in ``response``; None, logged once per store, when
-    it reported none (some S3-compatible stores): uploads are then checked by size only."""
-    crc = _full_object_crc32c(response)
-    if crc is None and url not in _SILENT_STORES:
-        _SILENT_STORES.add(url)
-        log.warning("%s reports no CRC32C of what it stored; uploads are checked by their size only. "
-                    "TransferConfig(verify='read-back') reads every chunk back before the commit.", url)
-    return crc
 
 
 class _BufferReader(io.RawIOBase):
@@ -222,7 +201,7 @@ class S3Storage(Storage):
                 Bucket=self.bucket, Key=full, Body=_body(data),
                 ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc, **conditions,
             )
-        return ObjectInfo(key=key, size=size, token=response["ETag"], crc32c=_reported_crc32c(self.url, response))
+        return ObjectInfo(key=key, size=size, token=response["ETag"], crc32c=reported_crc32c(self.url, response))
 
     def get(self, key: str, range: tuple[int, int] | None = None) -> bytes:
         """Return the object, or bytes ``[start, end)`` of it (fewer if it ends sooner)."""
@@ -251,7 +230,7 @@ class S3Storage(Storage):
             size=response["ContentLength"],
             token=response["ETag"],
             last_modified=response.get("LastModified"),
-            crc32c=_full_object_crc32c(response),
+            crc32c=full_object_crc32c(response),
         )
 
     def list(self, prefix: str = "", *, recursive: bool = True) -> list[ObjectInfo]:
@@ -466,12 +445,12 @@ class _S3Upload(MultipartUpload):
                 **_condition_args(self._mode),
             )
         log.debug("completed multipart upload %s of %s", self._upload_id, self._full)
-        crc = _full_object_crc32c(response)
+        crc = full_object_crc32c(response)
         if crc is None:  # not every store reports it on completion (moto does not): ask for it
             with self._store._translated("head", self._full):
                 response = {**self._store._client.head_object(
                     Bucket=self._store.bucket, Key=self._full, ChecksumMode="ENABLED"), "ETag": response["ETag"]}
-            crc = _reported_crc32c(self._store.url, response)
+            crc = reported_crc32c(self._store.url, response)
         return ObjectInfo(
             key=self.key,
             size=sum(part.size for _, part in parts),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from fault_proxy import FaultProxy
 
-import cloudckpt.storage.s3 as s3_module
+import cloudckpt.storage.s3_checksums as s3_checksums
 from cloudckpt import CheckpointManager, CorruptCheckpoint, TransferConfig
 from cloudckpt.storage.s3 import S3Storage
 
@@ -64,7 +64,7 @@ def test_a_store_reporting_another_checksum_fails_the_save(moto_s3, case):
 
 
 def test_a_store_reporting_no_checksum_is_logged_once_and_checked_by_size(moto_s3, caplog, monkeypatch):
-    monkeypatch.setattr(s3_module, "_SILENT_STORES", set())
+    monkeypatch.setattr(s3_checksums, "_SILENT_STORES", set())
     bucket = moto_s3.new_bucket()
     with FaultProxy(moto_s3.endpoint_url, rewrite=_strip) as proxy, caplog.at_level(logging.WARNING):
         _save(proxy, bucket, SMALL, torch.randn(100_000))

@@ -181,13 +181,13 @@ def stage_tensors(
         for seg in manifest.tensors[i].segments:
             pieces.setdefault(seg.chunk_index, []).append(
                 _Piece(i, seg.chunk_offset, seg.tensor_offset, seg.length))
-    staged = sorted(c for c, ps in pieces.items() if any(p.tensor in live for p in ps))
+    staged = {c for c, ps in pieces.items() if any(p.tensor in live for p in ps)}  # chunks for live tensors
     two_pass = sum(manifest.chunks[c].raw_size for c in staged) > transfer.staging_budget
 
     stats = ReadStats(passes=2 if two_pass and staged else 1)
     pool = StagingPool(transfer.staging_budget, pinned=wants_pinned(list(live.values())))
     fetcher = ChunkFetcher(store, transfer, full=full_verify, sizes_checked=True)
-    read = StagedRead(tensors, stats, live, pieces, {}, staged if two_pass else [], fetcher, pool, manifest)
+    read = StagedRead(tensors, stats, live, pieces, {}, sorted(staged) if two_pass else [], fetcher, pool, manifest)
 
     def copy_fresh(index: int, data: memoryview) -> None:
         for piece in pieces[index]:

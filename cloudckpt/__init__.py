@@ -8,6 +8,7 @@ from .errors import (
     FormatVersionError,
     InvalidKey,
     NotFound,
+    PartialRestore,
     PermissionDenied,
     PreconditionFailed,
     TimelineSuperseded,
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyExists", "CheckpointExists", "CloudCkptError", "CorruptCheckpoint", "FormatVersionError", "IfMatch",
-    "InvalidKey", "MemoryStorage", "NotFound", "PermissionDenied", "PreconditionFailed",
+    "InvalidKey", "MemoryStorage", "NotFound", "PartialRestore", "PermissionDenied", "PreconditionFailed",
     "RetryPolicy", "Storage", "TimelineSuperseded", "TransientError", "open_storage", "__version__",
 ]
 

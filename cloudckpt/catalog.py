@@ -43,6 +43,9 @@ class CheckpointInfo:
     timeline: str = MAIN_TIMELINE
     parent: str | None = None
     superseded: bool = False
+    #: What failed after the commit of the save that returned this info (pointers, index, retention);
+    #: the checkpoint is committed regardless, and the next save tries those steps again.
+    problems: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
     def of(cls, manifest: Manifest, pointers: tuple[str, ...] = (), stats: WriteStats | None = None, *,

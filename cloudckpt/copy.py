@@ -205,7 +205,7 @@ class Copier:
         fetcher = ChunkFetcher(self.src, self.transfer, full=self.full_verify)
 
         def copy_one(ref: ChunkRef) -> None:
-            data = fetcher.fetch(ref)  # size and CRC32C checked against the manifest
+            data = fetcher.fetch_stored(ref)  # as stored (compressed for .zst), checked against the manifest
             self._put_chunk(ref, data)
             with self._lock:
                 stats.chunks_copied += 1

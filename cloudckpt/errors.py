@@ -59,3 +59,8 @@ class SimulatedCrash(BaseException):
     It derives from ``BaseException`` so that ``except Exception`` blocks in
     the code under test cannot swallow it, just as they could not stop a kill.
     """
+
+
+class PartialRestore(CloudCkptError):
+    """A restore failed after it had begun writing the live tensors (only possible above the staging
+    budget, in the second read of a checkpoint that had verified completely); the live state is a mix."""

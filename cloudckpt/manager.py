@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -18,18 +19,20 @@ from .catalog import UNUSABLE, Catalog, CheckpointInfo
 from .errors import CloudCkptError, CorruptCheckpoint, NotFound
 from .format.manifest import ChunkRef, Lineage, Manifest, check_manifest_name
 from .format.serialize import flatten
-from .loading import load_state, plain, restore_manifest
+from .loading import load_state, plain
 from .pipeline import BackgroundSaver, SaveHandle
+from .post_commit import check_manager_config, report_failure, run_after_commit
 from .pointers import STATE_KEY, is_pointer_key, update_json
 from .reader import ReadStats, verify_chunks
 from .resolver import Resolver, Which, is_junk
 from .retention import RetentionContext, as_policy, superseded_days
-from .saving import checkpoint_metadata, metric_value, move_pointers, with_rng
+from .saving import checkpoint_metadata, metric_value, pointer_steps, with_rng
 from .snapshot import HostBufferPool, Snapshot
 from .state import RNG_KEY, RNGState
 from .storage import Storage, open_storage
 from .sweeper import SweepConfig, Sweeper, SweepReport, referenced_chunks
 from .timeline import read_live
+from .transaction import restore_checkpoint
 from .transfer import TransferConfig
 from .writer import WriteStats, host_copy, upload_tensors
 
@@ -68,6 +71,9 @@ class CheckpointManager:
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        retention = None if retention is None else as_policy(retention)
+        check_manager_config(monitor=monitor, mode=mode, retention=retention, cleanup=cleanup,
+                             transfer=transfer, top_k=top_k)
         if isinstance(root, Storage):
             if storage_options:
                 raise TypeError("storage_options apply only when root is a URL or path")
@@ -76,7 +82,7 @@ class CheckpointManager:
             self.store = open_storage(root, **dict(storage_options or {}))
         self.monitor = monitor
         self.mode = mode
-        self.retention = None if retention is None else as_policy(retention)
+        self.retention = retention
         self.sweeper = Sweeper(self.store, cleanup)
         self.async_save = async_save
         self.transfer = transfer or TransferConfig()
@@ -163,34 +169,35 @@ class CheckpointManager:
 
         For writers that commit manifests themselves (e.g. ``cloudckpt.distributed``).  A checkpoint
         whose timeline was abandoned while it was being written moves no pointer: it is superseded.
+        Never raises for a failure of these steps: the checkpoint is committed.  Failures are logged
+        and listed in the returned info's ``problems``; the next save runs them again.
         """
+        moved: list[str] = []
         with self._lock:
             self.catalog.remember(manifest, token)
             self._position = Position.saved(manifest)
-            live = read_live(self.store)
-            if not live.is_live(manifest):
+            try:
+                live = read_live(self.store).is_live(manifest)
+            except Exception as exc:  # the checkpoint is committed: report, do not fail the save
+                problem = report_failure(manifest.name, "reading the live timeline", exc)
+                return dataclasses.replace(CheckpointInfo.of(manifest, (), stats), problems=(problem,))
+            if not live:
                 log.warning("%s/%s was committed, but its timeline %s was abandoned meanwhile (a rollback); it "
                             "is superseded and moves no pointer", self.store.url, manifest.name,
                             manifest.lineage.timeline)
                 supersede(self.store, manifest.name, manifest.lineage.timeline, token)
                 return CheckpointInfo.of(manifest, (), stats, superseded=True)
-            pointers = self._move_pointers(manifest)
+            steps = pointer_steps(self.store, manifest, lambda: self.resolver.view(pointers=False).live_manifests(),
+                                  monitor=self.monitor, mode=self.mode, top_k=self.top_k, moved=moved)
             if self.retention is not None:
-                try:
-                    self.prune()
-                except CloudCkptError as exc:  # the checkpoint is committed; cleanup retries next time
-                    log.error("retention after %s failed (it will be retried after the next save): %s",
-                              manifest.name, exc)
-        return CheckpointInfo.of(manifest, pointers, stats)
+                steps.append(("retention", self.prune))
+            problems = run_after_commit(manifest.name, steps)
+        return dataclasses.replace(CheckpointInfo.of(manifest, tuple(moved), stats), problems=problems)
 
     def known_chunks(self) -> dict[str, ChunkRef]:
         """Chunks of the checkpoints committed right now (listed afresh: another writer's
         retention may have removed a checkpoint since the last save)."""
         return {c.key: c for m in self.catalog.readable(self.catalog.names()) for c in m.chunks}
-
-    def _move_pointers(self, manifest: Manifest) -> tuple[str, ...]:
-        return move_pointers(self.store, manifest, lambda: self.resolver.view(pointers=False).live_manifests(),
-                             monitor=self.monitor, mode=self.mode, top_k=self.top_k)
 
     # -- timelines -------------------------------------------------------------
     def rollback(self, to: Which, *, dry_run: bool = False) -> RollbackReport:
@@ -330,9 +337,13 @@ class CheckpointManager:
 
     def restore_manifest(self, manifest: Manifest, state: MutableMapping[str, Any], *,
                          map_location: str | torch.device | None = None, keys: list[str] | None = None) -> None:
-        """Restore one parsed manifest into ``state`` in place, without fallback (see :meth:`restore`)."""
-        restore_manifest(self.store, manifest, state, transfer=self.transfer, capture_rng=self.capture_rng,
-                         allow_pickle=self.allow_pickle, map_location=map_location, keys=keys)
+        """Restore one parsed manifest into ``state`` in place, without fallback (see :meth:`restore`).
+
+        All or nothing: a failure leaves every object of ``state`` and the RNG as they were
+        (see :mod:`cloudckpt.transaction`).
+        """
+        restore_checkpoint(self.store, manifest, state, self.transfer, keys=keys, map_location=map_location,
+                           restore_rng=self.capture_rng, allow_pickle=self.allow_pickle)
         self._position = Position.restored_from(manifest)
 
     def load(self, which: Which = "latest", *, map_location: str | torch.device | None = None,
@@ -490,3 +501,4 @@ class CheckpointManager:
 
 class _UnreadableManifest(CloudCkptError):
     pass
+

@@ -1,23 +1,20 @@
 """Read one checkpoint: manifest -> parallel (ranged) chunk reads -> verify -> tensors.
 
 Each chunk is verified (size and CRC32C, and with ``full=True`` its BLAKE3
-name) before any of its bytes reach a tensor.  Bytes are written straight
-into destination tensors where the caller supplies them, so restoring a
-model does not hold a second full copy of it in memory.
+name) before any of its bytes reach a tensor, and live tensors are written
+only once the whole checkpoint has verified (:mod:`cloudckpt.staged_read`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
 
 from .errors import CorruptCheckpoint, NotFound
-from .format.compression import decompress
-from .format.dtypes import TensorRecord, empty_from_record, tensor_bytes
+from .format.compression import decompress, decompress_into
 from .format.manifest import ChunkRef, Manifest, parse_manifest
 from .hashing import blake3_hex, crc32c_hex
 from .parallel import run_parallel
@@ -39,8 +36,13 @@ def load_manifest(store: Storage, name: str) -> Manifest:
 
 @dataclass
 class ReadStats:
+    """What one read moved.  A restore larger than its staging budget reads its chunks twice
+    (``passes`` 2); ``staging_peak`` is the most staging memory it held at once."""
+
     chunks_read: int = 0
     bytes_read: int = 0
+    passes: int = 1
+    staging_peak: int = 0
 
 
 class ChunkFetcher:
@@ -58,6 +60,29 @@ class ChunkFetcher:
         self._ranges.shutdown(wait=True)
 
     def fetch(self, ref: ChunkRef) -> memoryview:
+        """The chunk's content (decompressed), after its size and CRC32C (and BLAKE3) checked out."""
+        where = f"{self.store.url}/{ref.key}"
+        data: bytes | bytearray | memoryview = self._fetch_checked(ref)
+        if ref.key.endswith(".zst"):
+            data = decompress(data, ref.raw_size, where)
+        if self.full and blake3_hex(data) != ref.hash:
+            raise CorruptCheckpoint(f"{where}: chunk content does not match its BLAKE3 name")
+        return memoryview(data)
+
+    def fetch_stored(self, ref: ChunkRef) -> memoryview:
+        """The chunk's bytes as stored (still compressed for ``.zst`` keys), checked like :meth:`fetch`.
+
+        What a copy to another store must upload: the key names the stored form.
+        """
+        data = self._fetch_checked(ref)
+        if self.full:
+            content = decompress(data, ref.raw_size, f"{self.store.url}/{ref.key}") if ref.key.endswith(".zst") \
+                else data
+            if blake3_hex(content) != ref.hash:
+                raise CorruptCheckpoint(f"{self.store.url}/{ref.key}: chunk content does not match its BLAKE3 name")
+        return memoryview(data)
+
+    def _fetch_checked(self, ref: ChunkRef) -> bytes | bytearray:
         where = f"{self.store.url}/{ref.key}"
         try:
             data = self._download(ref)
@@ -67,18 +92,25 @@ class ChunkFetcher:
             raise CorruptCheckpoint(f"{where}: chunk has {len(data)} bytes, the manifest says {ref.size}")
         if crc32c_hex(data) != ref.crc32c:
             raise CorruptCheckpoint(f"{where}: chunk CRC32C mismatch; the stored bytes are damaged")
-        if ref.key.endswith(".zst"):
-            data = decompress(data, ref.raw_size, where)
-        if self.full and blake3_hex(data) != ref.hash:
-            raise CorruptCheckpoint(f"{where}: chunk content does not match its BLAKE3 name")
-        return memoryview(data)
+        return data
 
     def fetch_into(self, ref: ChunkRef, dest: memoryview) -> None:
-        """Read an uncompressed chunk straight into ``dest`` (exactly its size), then verify it there.
+        """Read a chunk's content (``raw_size`` bytes, decompressed) into ``dest``, then verify it there.
 
-        Saves a copy when a chunk holds one tensor's bytes; on a failed check ``dest`` holds the
-        damaged bytes and the error says so.
+        ``dest`` is staging memory or a tensor nobody sees yet: on a failed check it holds the
+        damaged bytes.  Uncompressed chunks land straight in ``dest`` (parallel ranged reads).
         """
+        where = f"{self.store.url}/{ref.key}"
+        if ref.key.endswith(".zst"):
+            decompress_into(self._fetch_checked(ref), dest, where)
+        else:
+            self._read_ranges_into(ref, dest)
+            if crc32c_hex(dest) != ref.crc32c:
+                raise CorruptCheckpoint(f"{where}: chunk CRC32C mismatch; the stored bytes are damaged")
+        if self.full and blake3_hex(dest) != ref.hash:
+            raise CorruptCheckpoint(f"{where}: chunk content does not match its BLAKE3 name")
+
+    def _read_ranges_into(self, ref: ChunkRef, dest: memoryview) -> None:
         where = f"{self.store.url}/{ref.key}"
         step = self.transfer.range_size
 
@@ -87,15 +119,13 @@ class ChunkFetcher:
             if self.store.read_into(ref.key, dest[start:end], start) != end - start:
                 raise CorruptCheckpoint(f"{where}: chunk is shorter than the {ref.size} bytes the manifest says")
 
+        futures = [self._ranges.submit(read, s) for s in range(0, ref.size, step)]
+        wait(futures)  # every range has stopped writing into dest before anyone reuses it
         try:
-            for future in [self._ranges.submit(read, s) for s in range(0, ref.size, step)]:
+            for future in futures:
                 future.result()
         except NotFound as exc:
             raise CorruptCheckpoint(f"{where}: chunk is missing (referenced by the manifest)") from exc
-        if crc32c_hex(dest) != ref.crc32c:
-            raise CorruptCheckpoint(f"{where}: chunk CRC32C mismatch; the stored bytes are damaged")
-        if self.full and blake3_hex(dest) != ref.hash:
-            raise CorruptCheckpoint(f"{where}: chunk content does not match its BLAKE3 name")
 
     def _download(self, ref: ChunkRef) -> bytes | bytearray:
         step = self.transfer.range_size
@@ -139,16 +169,6 @@ def check_chunk_sizes(store: Storage, manifest: Manifest, indices: list[int], tr
     run_parallel(check, indices, workers=transfer.concurrency, name="cloudckpt-head")
 
 
-def _compatible(dest: torch.Tensor | None, record: TensorRecord) -> bool:
-    return (
-        dest is not None
-        and dest.dtype == record.torch_dtype
-        and list(dest.shape) == list(record.shape)
-        and dest.is_contiguous()
-        and not dest.requires_grad
-    )
-
-
 def read_tensors(
     store: Storage,
     manifest: Manifest,
@@ -158,65 +178,17 @@ def read_tensors(
     only: set[int] | None = None,
     full_verify: bool = False,
 ) -> tuple[dict[int, torch.Tensor], ReadStats]:
-    """Read the tensors of ``manifest`` (all, or the indices in ``only``).
+    """Read the tensors of ``manifest`` (all, or the indices in ``only``); index -> tensor.
 
-    A tensor whose index is in ``destinations`` and matches in dtype and shape
-    is filled in place (via a host staging copy when it is not on the CPU);
-    the others are new CPU tensors.  Returns index -> tensor.
+    A tensor whose index is in ``destinations`` and matches in dtype and shape is
+    filled in place, but only once every chunk has verified (see
+    :func:`cloudckpt.staged_read.stage_tensors`); the others are new CPU tensors.
     """
-    wanted = set(range(len(manifest.tensors))) if only is None else only
-    unknown = sorted(i for i in wanted if not 0 <= i < len(manifest.tensors))
-    if unknown:
-        raise CorruptCheckpoint(f"{store.url}/{manifest.name}: the state tree refers to tensor {unknown[0]}, "
-                                f"but the manifest lists {len(manifest.tensors)} tensors")
-    needed = sorted({seg.chunk_index for i in wanted for seg in manifest.tensors[i].segments})
-    check_chunk_sizes(store, manifest, needed, transfer)
-    records = {i: TensorRecord.from_json({"dtype": e.dtype, "shape": list(e.shape),
-                                          "device": e.device, "nbytes": e.nbytes})
-               for i, e in enumerate(manifest.tensors) if i in wanted}
-    results: dict[int, torch.Tensor] = {}
-    hosts: dict[int, torch.Tensor] = {}
-    for i, record in records.items():
-        dest = destinations.get(i)
-        if _compatible(dest, record):
-            results[i] = dest
-            hosts[i] = dest if dest.device.type == "cpu" else empty_from_record(record, "cpu")
-        else:
-            hosts[i] = results[i] = empty_from_record(record, "cpu")
-    views = {i: tensor_bytes(t) for i, t in hosts.items()}
+    from .staged_read import stage_tensors
 
-    by_chunk: dict[int, list[tuple[int, int, int, int]]] = {}
-    for i in records:
-        for seg in manifest.tensors[i].segments:
-            by_chunk.setdefault(seg.chunk_index, []).append((i, seg.chunk_offset, seg.tensor_offset, seg.length))
-
-    fetcher = ChunkFetcher(store, transfer, full=full_verify, sizes_checked=True)
-    stats = ReadStats()
-    lock = threading.Lock()
-
-    def read_chunk(index: int) -> None:
-        ref, pieces = manifest.chunks[index], by_chunk[index]
-        if len(pieces) == 1 and pieces[0][1] == 0 and pieces[0][3] == ref.size == ref.raw_size:
-            tensor_index, _, tensor_offset, length = pieces[0]  # one tensor's bytes: read in place
-            fetcher.fetch_into(ref, views[tensor_index][tensor_offset : tensor_offset + length])
-            data_length = length
-        else:
-            data = fetcher.fetch(ref)
-            for tensor_index, chunk_offset, tensor_offset, length in pieces:
-                views[tensor_index][tensor_offset : tensor_offset + length] = data[chunk_offset : chunk_offset + length]
-            data_length = len(data)
-        with lock:
-            stats.chunks_read += 1
-            stats.bytes_read += data_length
-
-    try:
-        run_parallel(read_chunk, sorted(by_chunk), workers=transfer.concurrency, name="cloudckpt-read")
-    finally:
-        fetcher.close()
-    for i, host in hosts.items():
-        if results[i] is not host:
-            results[i].copy_(host)
-    return results, stats
+    staged = stage_tensors(store, manifest, destinations, transfer, only=only, full_verify=full_verify)
+    staged.commit()
+    return staged.tensors, staged.stats
 
 
 def verify_chunks(store: Storage, manifest: Manifest, transfer: TransferConfig) -> ReadStats:

@@ -28,36 +28,105 @@ class StateMismatch(CloudCkptError, KeyError):
 def match_destinations(saved: Any, target: Any, target_tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     """Map saved tensor index -> live tensor, walking the saved and the live tree side by side."""
     found: dict[int, torch.Tensor] = {}
-    _walk(saved, target, target_tensors, found)
+    for _, i, tensor in pair_tensors(saved, target, target_tensors):
+        found.setdefault(i, tensor)
     return found
 
 
-def _walk(saved: Any, target: Any, tensors: list[torch.Tensor], found: dict[int, torch.Tensor]) -> None:
+def pair_tensors(saved: Any, target: Any, tensors: list[torch.Tensor],
+                 path: str = "state") -> list[tuple[str, int, torch.Tensor]]:
+    """``(path, saved index, live tensor)`` for every place where both trees hold a tensor."""
+    pairs: list[tuple[str, int, torch.Tensor]] = []
+    _walk(saved, target, tensors, pairs, path)
+    return pairs
+
+
+def check_shapes(pairs: list[tuple[str, int, torch.Tensor]], saved_shapes: list[tuple[int, ...]]) -> None:
+    """StateMismatch for the first live tensor whose shape differs from the saved one (before any read)."""
+    for path, i, tensor in pairs:
+        if 0 <= i < len(saved_shapes) and tuple(tensor.shape) != tuple(saved_shapes[i]):
+            raise StateMismatch(f"{path}: the checkpoint holds a tensor of shape {tuple(saved_shapes[i])}, "
+                                f"the live one has shape {tuple(tensor.shape)}; nothing was restored")
+
+
+def _walk(saved: Any, target: Any, tensors: list[torch.Tensor], found: list[tuple[str, int, torch.Tensor]],
+          path: str) -> None:
     if isinstance(saved, dict) and isinstance(target, dict):
         if "__tensor__" in saved and "__tensor__" in target:
             i, j = saved["__tensor__"], target["__tensor__"]
             if isinstance(i, int) and isinstance(j, int) and 0 <= j < len(tensors):
-                found.setdefault(i, tensors[j])
+                found.append((path, i, tensors[j]))
             return
         for tag in ("__state_dict__", "__tuple__"):
             if tag in saved and tag in target:
-                _walk(saved[tag], target[tag], tensors, found)
+                _walk(saved[tag], target[tag], tensors, found, path)
                 return
         if "__dict__" in saved and "__dict__" in target:
-            _walk(_pairs(saved["__dict__"]), _pairs(target["__dict__"]), tensors, found)
+            _walk(_pairs(saved["__dict__"]), _pairs(target["__dict__"]), tensors, found, path)
             return
         for key, value in saved.items():
             if key in target:
-                _walk(value, target[key], tensors, found)
+                _walk(value, target[key], tensors, found, f"{path}[{key!r}]")
     elif isinstance(saved, list) and isinstance(target, list):
-        for s, t in zip(saved, target):
-            _walk(s, t, tensors, found)
+        for n, (s, t) in enumerate(zip(saved, target)):
+            _walk(s, t, tensors, found, f"{path}[{n}]")
 
 
 def _pairs(pairs: Any) -> dict[str, Any]:
     if not isinstance(pairs, list):
         return {}
     return {json.dumps(p[0], sort_keys=True): p[1] for p in pairs if isinstance(p, list) and len(p) == 2}
+
+
+def check_loadable(target: Mapping[str, Any], loaded: Mapping[str, Any], *, path: str = "state") -> None:
+    """Raise StateMismatch where :func:`apply_state` (or a ``load_state_dict`` it calls) would fail,
+    so that the check runs before anything live is touched.
+
+    Modules must have the same keys (strict loading) and shapes; optimizers the same parameter groups.
+    """
+    for key, value in loaded.items():
+        where = f"{path}[{key!r}]"
+        if key not in target:
+            continue
+        current = target[key]
+        if hasattr(current, "load_state_dict") and callable(current.load_state_dict):
+            if not isinstance(value, StateDict):
+                raise StateMismatch(f"{where}: the checkpoint holds a {type(value).__name__}, "
+                                    f"not the state of a {type(current).__name__}")
+            # Only torch's own loaders are known well enough to predict (a subclass may override them).
+            if type(current).load_state_dict is torch.nn.Module.load_state_dict:
+                _check_module(current, value, where)
+            elif type(current).load_state_dict is torch.optim.Optimizer.load_state_dict:
+                _check_optimizer(current, value, where)
+        elif isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor):
+            if current.shape != value.shape:
+                raise StateMismatch(f"{where}: the checkpoint holds a tensor of shape {tuple(value.shape)}, "
+                                    f"the live one has shape {tuple(current.shape)}")
+        elif isinstance(current, Mapping) and isinstance(value, Mapping) and not isinstance(value, StateDict):
+            check_loadable(current, value, path=where)
+
+
+def _check_module(module: torch.nn.Module, saved: Mapping[str, Any], where: str) -> None:
+    live = module.state_dict()
+    missing, unexpected = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+    if missing or unexpected:
+        raise StateMismatch(f"{where}: the checkpoint's {type(module).__name__} state lacks {missing[:5]} "
+                            f"and has {unexpected[:5]} that the live module does not; nothing was restored")
+    for name, tensor in live.items():
+        value = saved[name]
+        if isinstance(value, torch.Tensor) and value.shape != tensor.shape:
+            raise StateMismatch(f"{where}[{name!r}]: the checkpoint holds shape {tuple(value.shape)}, "
+                                f"the live module {tuple(tensor.shape)}; nothing was restored")
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any], where: str) -> None:
+    groups = saved.get("param_groups")
+    sizes = [len(g.get("params", ())) for g in groups] if isinstance(groups, list) and all(
+        isinstance(g, Mapping) for g in groups) else None
+    live = [len(g["params"]) for g in optimizer.param_groups]
+    if sizes != live:
+        raise StateMismatch(f"{where}: the checkpoint's optimizer has parameter groups of sizes {sizes}, "
+                            f"the live one {live}; nothing was restored")
 
 
 def apply_state(target: MutableMapping[str, Any], loaded: Mapping[str, Any], *, path: str = "state") -> None:

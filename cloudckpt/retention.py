@@ -41,6 +41,9 @@ class RetentionPolicy(abc.ABC):
     def keep(self, infos: Infos, context: RetentionContext) -> set[str]:
         """The names of ``infos`` this policy keeps."""
 
+    def validate(self, context: RetentionContext) -> None:
+        """Raise ValueError if the policy cannot work in ``context`` (checked when a manager is built)."""
+
     def __call__(self, infos: Infos, context: RetentionContext | None = None) -> set[str]:
         return self.keep(infos, context or RetentionContext())
 
@@ -94,6 +97,9 @@ class KeepBestK(RetentionPolicy):
         if self.mode not in (None, "min", "max"):
             raise ValueError(f"KeepBestK mode must be 'min' or 'max', got {self.mode!r}")
 
+    def validate(self, context: RetentionContext) -> None:
+        self._metric(context)
+
     def keep(self, infos: Infos, context: RetentionContext) -> set[str]:
         return {i.name for i in best_first(infos, self._metric(context), self.mode or context.mode)[: self.k]}
 
@@ -117,6 +123,9 @@ class KeepBestAndLatest(RetentionPolicy):
 
     monitor: str | None = None
     mode: str | None = None
+
+    def validate(self, context: RetentionContext) -> None:
+        KeepBestK(1, self.monitor, self.mode).validate(context)
 
     def keep(self, infos: Infos, context: RetentionContext) -> set[str]:
         return (KeepLastN(1) | KeepBestK(1, self.monitor, self.mode)).keep(infos, context)
@@ -176,6 +185,10 @@ class AnyOf(RetentionPolicy):
     """Keep what any of ``policies`` keeps (what ``a | b`` builds)."""
 
     policies: tuple[RetentionPolicy, ...]
+
+    def validate(self, context: RetentionContext) -> None:
+        for policy in self.policies:
+            policy.validate(context)
 
     def keep(self, infos: Infos, context: RetentionContext) -> set[str]:
         deciding = [p for p in self.policies if not isinstance(p, KeepSuperseded)] or self.policies

@@ -33,6 +33,9 @@ from .storage import Storage
 
 log = logging.getLogger("cloudckpt.manager")
 
+#: One step after a commit: what it does (for the report of a failure), and the call.
+Step = tuple[str, Callable[[], None]]
+
 
 def metric_value(name: Any, value: Any) -> float | None:
     """A reported metric as a float (tensors and numpy scalars too); TypeError for anything else."""
@@ -73,12 +76,14 @@ def checkpoint_metadata(*, step: int, epoch: int | None, reason: str, metrics: M
     )
 
 
-def move_pointers(store: Storage, manifest: Manifest, committed: Callable[[], list[Manifest]], *, monitor: str | None,
-                  mode: str, top_k: int) -> tuple[str, ...]:
-    """After ``manifest`` is committed: advance ``latest``, promote the best, record it in the index.
+def pointer_steps(store: Storage, manifest: Manifest, committed: Callable[[], list[Manifest]], *,
+                  monitor: str | None, mode: str, top_k: int, moved: list[str]) -> list[Step]:
+    """The steps after ``manifest`` is committed: advance ``latest``, promote the best, record it in
+    the index.  Each step appends the pointer it moved to ``moved``; the caller runs them one by one
+    so that a failure of one is reported without skipping the others.
 
     ``committed()`` lists the live checkpoints (those that count for the best, and the only ones
-    a pointer may keep naming); it is called only when needed.
+    a pointer may keep naming); it is called only when needed, at most once.
     """
     live: list[set[str]] = []
 
@@ -87,14 +92,19 @@ def move_pointers(store: Storage, manifest: Manifest, committed: Callable[[], li
             live.append({m.name for m in committed()})
         return old.target not in live[0]
 
-    moved = []
-    if advance_latest(store, Pointer(manifest.name, manifest.step), stale=stale):
-        moved.append(LATEST_POINTER)
-    if monitor and _promote_best(store, manifest, committed, monitor, mode, stale):
-        moved.append(best_pointer_key(monitor))
-    update_json(store, STATE_KEY, lambda body: run_index.record(
-        body, manifest, monitor=monitor, mode=mode, top_k=top_k))
-    return tuple(moved)
+    def latest() -> None:
+        if advance_latest(store, Pointer(manifest.name, manifest.step), stale=stale):
+            moved.append(LATEST_POINTER)
+
+    def best() -> None:
+        if monitor and _promote_best(store, manifest, committed, monitor, mode, stale):
+            moved.append(best_pointer_key(monitor))
+
+    def index() -> None:
+        update_json(store, STATE_KEY, lambda body: run_index.record(
+            body, manifest, monitor=monitor, mode=mode, top_k=top_k))
+
+    return [("moving latest.ckpt", latest), ("moving the best pointer", best), ("updating the run index", index)]
 
 
 def _promote_best(store: Storage, manifest: Manifest, committed: Callable[[], list[Manifest]], monitor: str,

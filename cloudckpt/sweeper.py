@@ -68,6 +68,15 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if self.cleanup not in ("delete", "lifecycle"):
             raise ValueError(f"cleanup must be 'delete' or 'lifecycle', got {self.cleanup!r}")
+        for name in ("grace", "stale_upload_age"):
+            value = getattr(self, name)
+            if not isinstance(value, _dt.timedelta):
+                raise TypeError(f"SweepConfig.{name} must be a datetime.timedelta (e.g. timedelta(hours=6)), "
+                                f"got {type(value).__name__} {value!r}")
+            if value < _dt.timedelta(0):
+                raise ValueError(f"SweepConfig.{name} must not be negative, got {value}")
+        if not callable(self.clock):
+            raise TypeError("SweepConfig.clock must be a callable returning an aware datetime")
 
 
 class Sweeper:

@@ -49,12 +49,13 @@ class TransferConfig:
     verify: Literal["store", "read-back"] = "store"
     compression: Literal["none", "zstd"] = "none"
     compression_level: int = 1
+    staging_budget: int = 256 * MiB
 
     def __post_init__(self) -> None:
         if self.pack_size is None:
             object.__setattr__(self, "pack_size", max(self.pack_threshold, min(4 * MiB, self.chunk_size)))
         for name in ("chunk_size", "pack_threshold", "pack_size", "concurrency", "multipart_threshold",
-                     "range_size"):
+                     "range_size", "staging_budget"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TransferConfig.{name} must be positive, got {getattr(self, name)}")
         if not self.pack_threshold <= self.pack_size <= self.chunk_size:

@@ -150,7 +150,11 @@ def upload_tensors(
 
 
 def commit_manifest(store: Storage, manifest: Manifest) -> ObjectInfo:
-    """Write ``manifest`` create-only: from this moment the checkpoint exists."""
+    """Write ``manifest`` create-only: from this moment the checkpoint exists.
+
+    A name already taken is AlreadyExists; :func:`cloudckpt.branching.commit` settles why (a
+    superseded or damaged manifest, or the same checkpoint saved again).
+    """
     try:
         return store.put(manifest.name, manifest.to_bytes(), mode="create")
     except AlreadyExists as exc:

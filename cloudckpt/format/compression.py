@@ -40,3 +40,22 @@ def decompress(data: bytes | memoryview, raw_size: int, where: str) -> bytes:
     if len(out) != raw_size:
         raise CorruptCheckpoint(f"{where}: chunk decompresses to {len(out)} bytes, expected {raw_size}")
     return out
+
+
+def decompress_into(data: bytes | memoryview, out: memoryview, where: str) -> None:
+    """Decompress a chunk into ``out``, which it must fill exactly (no intermediate copy)."""
+    zstd = _zstd()
+    filled = 0
+    try:
+        with zstd.ZstdDecompressor().stream_reader(data, read_across_frames=False) as reader:
+            while filled < len(out):
+                got = reader.readinto(out[filled:])
+                if not got:
+                    break
+                filled += got
+            extra = reader.read(1)
+    except zstd.ZstdError as exc:
+        raise CorruptCheckpoint(f"{where}: chunk does not decompress ({exc})") from exc
+    if filled != len(out) or extra:
+        raise CorruptCheckpoint(f"{where}: chunk decompresses to {'more than ' if extra else ''}{filled} bytes, "
+                                f"expected {len(out)}")

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from ..errors import CorruptCheckpoint, FormatVersionError
 from ..storage.lifecycle import CHUNK_PREFIX
 from .dtypes import TENSOR_DTYPES
+from .layout import check_layout
 from .serialize import Segment
 
 FORMAT_NAME = "cloudckpt"
@@ -285,6 +286,7 @@ def _validate(body: dict[str, Any], where: str) -> Manifest:
         raise CorruptCheckpoint(f"{where}: unknown compression {compression!r}")
     chunks = [v.chunk(c, i, compression) for i, c in enumerate(v.list(body, "chunks"))]
     tensors = [v.tensor(t, i, chunks) for i, t in enumerate(v.list(body, "tensors"))]
+    check_layout([(t.nbytes, t.segments) for t in tensors], where)
     metrics = v.dict(body, "metrics")
     epoch = body.get("epoch")
     if epoch is not None:

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from ..errors import CorruptCheckpoint, FormatVersionError
 from ..format.dtypes import ALL_DTYPES, TENSOR_DTYPES, dtype_name
+from ..format.layout import check_layout
 from ..format.manifest import ChunkRef, chunk_key
 from ..format.serialize import Segment, UnsupportedValue
 
@@ -88,18 +89,14 @@ def encode_metadata(metadata: Metadata, *, compression: str, library_version: st
             raise UnsupportedValue(f"DCP Metadata.{name} is not known to cloudckpt's JSON metadata format; "
                                    "upgrade cloudckpt or leave it unset")
     storage_data = metadata.storage_data or {}
-    table: list[ChunkRef] = []
-    position: dict[str, int] = {}
+    table = _ChunkTable()
     items = []
     for index, location in storage_data.items():
         if not isinstance(location, ItemLocation):
             raise TypeError(f"storage_data[{index!r}] is a {type(location).__name__}, not an ItemLocation")
-        remap = []
-        for ref in location.chunks:
-            if ref.key not in position:
-                position[ref.key] = len(table)
-                table.append(ref)
-            remap.append(position[ref.key])
+        remap = [table.place(ref, [(s.chunk_offset, s.chunk_offset + s.length)
+                                   for s in location.segments if s.chunk_index == local])
+                 for local, ref in enumerate(location.chunks)]
         items.append({
             "fqn": index.fqn,
             "offset": None if index.offset is None else list(index.offset),
@@ -127,12 +124,32 @@ def encode_metadata(metadata: Metadata, *, compression: str, library_version: st
         "planner_data": _encode_plain(metadata.planner_data, "planner_data", 0),
         "state_dict": {fqn: _encode_storage_md(fqn, md) for fqn, md in metadata.state_dict_metadata.items()},
         "chunks": [{"key": c.key, "hash": c.hash, "size": c.size, "crc32c": c.crc32c, "raw_size": c.raw_size}
-                   for c in table],
+                   for c in table.entries],
         "items": items,
         "pickled": sorted({i["fqn"] for i in items if i["kind"] == "bytes"}),
     }
     body["metadata_sha256"] = _canonical_sha256(body)
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+class _ChunkTable:
+    """The metadata's chunk list.  Items share an entry while the bytes they take from it are disjoint
+    (items packed into one chunk); an item whose bytes another item already takes (identical content,
+    deduplicated to the same object) gets an entry of its own, as readers require (``check_layout``)."""
+
+    def __init__(self) -> None:
+        self.entries: list[ChunkRef] = []
+        self._taken: dict[str, list[tuple[int, list[tuple[int, int]]]]] = {}
+
+    def place(self, ref: ChunkRef, ranges: list[tuple[int, int]]) -> int:
+        slots = self._taken.setdefault(ref.key, [])
+        for position, taken in slots:
+            if not any(start < t_end and t_start < end for start, end in ranges for t_start, t_end in taken):
+                taken.extend(ranges)
+                return position
+        self.entries.append(ref)
+        slots.append((len(self.entries) - 1, list(ranges)))
+        return len(self.entries) - 1
 
 
 def _encode_storage_md(fqn: str, md: Any) -> dict[str, Any]:
@@ -247,6 +264,7 @@ class _Decoder:
             if index in storage_data:
                 raise self.fail(f"items[{i}]: {index.fqn!r} at offset {index.offset} is stored twice")
             storage_data[index] = location
+        check_layout([(loc.nbytes, loc.segments) for loc in storage_data.values()], self.where, "items")
         version = body.get("dcp_version")
         if version is not None and type(version) is not str:
             raise self.fail("'dcp_version' must be a string")

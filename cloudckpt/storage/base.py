@@ -39,7 +39,9 @@ class ObjectInfo:
     """What a store knows about one object.
 
     ``token`` is the value to pass to :class:`IfMatch` for a compare-and-swap.
-    ``crc32c`` is the store's own CRC32C of the bytes (hex) when it reports one.
+    ``crc32c`` is the CRC32C (hex) of the whole object *as the store itself reports it* (S3's
+    ``ChecksumCRC32C``, GCS's ``crc32c``), never one computed by the client; None when the store
+    reports none.  Writers compare it with what they sent.
     """
 
     key: str

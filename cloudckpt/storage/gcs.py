@@ -67,11 +67,14 @@ from .base import (
     check_range,
 )
 from .lifecycle import GCS_EXPIRED_FIELD as EXPIRED_CUSTOM_TIME_FIELD
+from .sdk_rng import isolate_sdk_random
 
 __all__ = ["EXPIRED_CUSTOM_TIME_FIELD", "GCSStorage", "translate_error"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+isolate_sdk_random()
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -10,6 +10,13 @@ Nothing of this machinery stays in the root once the writes are done: a lock
 file is removed by its holder, and the multipart staging directory goes with
 its last upload (see :meth:`LocalStorage._key_lock` for why removing a lock
 file is safe).
+
+With ``fsync=True`` (the default) every change to a directory is made durable
+the way POSIX requires, by an fsync of that directory: after a rename or link
+gives a file its name, after a directory (``chunks/ab/``) is created (its
+parent is fsynced), and after deletes.  A power loss can therefore not keep a
+manifest whose chunks' names were lost, nor undo the deletion of a manifest
+whose chunks were then swept.
 """
 
 from __future__ import annotations
@@ -94,8 +101,24 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
+    def _make_dirs(self, directory: Path) -> None:
+        """Create ``directory`` and missing parents; fsync the parent of each one created."""
+        if directory.is_dir():
+            return
+        missing = []
+        while not directory.is_dir():
+            missing.append(directory)
+            directory = directory.parent
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue  # another writer made it (and syncs its parent)
+            if self.fsync:
+                _fsync_dir(path.parent)
+
     def _write_tmp(self, final: Path, chunks: Iterable[Buffer]) -> Path:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._make_dirs(final.parent)
         tmp = final.with_name(f".{final.name}{_TMP_MARK}{uuid.uuid4().hex}")
         try:
             with open(tmp, "wb") as fh:
@@ -232,10 +255,16 @@ class LocalStorage(Storage):
         return sorted(found, key=lambda info: info.key)
 
     def delete(self, keys: Iterable[str]) -> None:
+        touched: set[Path] = set()
         for key in keys:
             path = self._path(key)
             with _translate("delete", key, self.url):
                 path.unlink(missing_ok=True)
+            touched.add(path.parent)
+        if self.fsync:  # the deletes are durable before the caller goes on (e.g. to sweep chunks)
+            for directory in touched:
+                with contextlib.suppress(FileNotFoundError):
+                    _fsync_dir(directory)
 
     def copy(self, src: str, dst: str) -> ObjectInfo:
         source, final = self._path(src), self._path(dst)

@@ -34,6 +34,7 @@ from botocore.exceptions import (
 
 from ..errors import (
     CloudCkptError,
+    CorruptCheckpoint,
     NotFound,
     TransientError,
 )
@@ -51,6 +52,7 @@ from .base import (
     check_range,
 )
 from .lifecycle import EXPIRED_TAG_KEY, EXPIRED_TAG_VALUE
+from .s3_checksums import full_object_crc32c, reported_crc32c
 from .s3_errors import Call, error_for_code, precondition_error, translate_error
 
 __all__ = ["S3Storage", "translate_error"]
@@ -75,14 +77,6 @@ def _condition_args(mode: PutMode) -> dict[str, str]:
     if isinstance(mode, IfMatch):
         return {"IfMatch": mode.token}
     raise ValueError(f"unknown put mode {mode!r}; use 'overwrite', 'create' or IfMatch(token)")
-
-
-def _full_object_crc32c(response: dict[str, Any]) -> str | None:
-    """The object's CRC32C (hex) if S3 reported one covering the whole object."""
-    value = response.get("ChecksumCRC32C")
-    if not value or "-" in value or response.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
-        return None
-    return crc32c_hex_from_b64(value)
 
 
 class _BufferReader(io.RawIOBase):
@@ -207,7 +201,7 @@ class S3Storage(Storage):
                 Bucket=self.bucket, Key=full, Body=_body(data),
                 ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc, **conditions,
             )
-        return ObjectInfo(key=key, size=size, token=response["ETag"], crc32c=crc32c_hex_from_b64(crc))
+        return ObjectInfo(key=key, size=size, token=response["ETag"], crc32c=reported_crc32c(self.url, response))
 
     def get(self, key: str, range: tuple[int, int] | None = None) -> bytes:
         """Return the object, or bytes ``[start, end)`` of it (fewer if it ends sooner)."""
@@ -236,7 +230,7 @@ class S3Storage(Storage):
             size=response["ContentLength"],
             token=response["ETag"],
             last_modified=response.get("LastModified"),
-            crc32c=_full_object_crc32c(response),
+            crc32c=full_object_crc32c(response),
         )
 
     def list(self, prefix: str = "", *, recursive: bool = True) -> list[ObjectInfo]:
@@ -402,6 +396,11 @@ class _S3Upload(MultipartUpload):
                 Bucket=self._store.bucket, Key=self._full, UploadId=self._upload_id, PartNumber=number,
                 Body=_body(data), ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc,
             )
+        reported = response.get("ChecksumCRC32C")
+        if reported is not None and reported != crc:
+            raise CorruptCheckpoint(
+                f"{self._store.url}/{self.key}: S3 reports CRC32C {crc32c_hex_from_b64(reported)} for part "
+                f"{number}, but {crc32c_hex_from_b64(crc)} was sent")
         with self._lock:
             self._parts[number] = _Part(response["ETag"], crc, memoryview(data).nbytes)
 
@@ -446,11 +445,17 @@ class _S3Upload(MultipartUpload):
                 **_condition_args(self._mode),
             )
         log.debug("completed multipart upload %s of %s", self._upload_id, self._full)
+        crc = full_object_crc32c(response)
+        if crc is None:  # not every store reports it on completion (moto does not): ask for it
+            with self._store._translated("head", self._full):
+                response = {**self._store._client.head_object(
+                    Bucket=self._store.bucket, Key=self._full, ChecksumMode="ENABLED"), "ETag": response["ETag"]}
+            crc = reported_crc32c(self._store.url, response)
         return ObjectInfo(
             key=self.key,
             size=sum(part.size for _, part in parts),
             token=response["ETag"],
-            crc32c=_full_object_crc32c(response),
+            crc32c=crc,
         )
 
     def _check_if_match(self) -> None:

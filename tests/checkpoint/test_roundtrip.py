@@ -16,7 +16,7 @@ from ckpt_util import (
     tensors_of,
 )
 
-import cloudckpt.reader
+import cloudckpt.staged_read
 from cloudckpt import CheckpointManager, TransferConfig
 from cloudckpt.storage.faults import FaultyStorage
 
@@ -144,13 +144,13 @@ def test_model_restores_into_the_same_parameter_memory(any_store, monkeypatch):
     fresh, fresh_lm = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)), _TiedLM()
     ptrs = {n: p.data_ptr() for n, p in [*fresh.named_parameters(), *fresh_lm.named_parameters()]}
     allocated: list[int] = []
-    real_empty = cloudckpt.reader.empty_from_record
+    real_empty = cloudckpt.staged_read.empty_from_record
 
     def spy(record, device="cpu"):
         allocated.append(record.nbytes)
         return real_empty(record, device)
 
-    monkeypatch.setattr(cloudckpt.reader, "empty_from_record", spy)
+    monkeypatch.setattr(cloudckpt.staged_read, "empty_from_record", spy)
     CheckpointManager(any_store, capture_rng=False).restore({"model": fresh, "lm": fresh_lm})
     assert {n: p.data_ptr() for n, p in [*fresh.named_parameters(), *fresh_lm.named_parameters()]} == ptrs
     assert allocated == [], f"the reader allocated {len(allocated)} staging tensors ({sum(allocated)} bytes)"

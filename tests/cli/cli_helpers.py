@@ -3,6 +3,7 @@ and build small runs with CheckpointManager on any root."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -108,12 +109,14 @@ def make_model() -> torch.nn.Module:
     return model
 
 
-def make_run(root: str, *, storage_options: dict[str, Any] | None = None, pin: int | None = 10) -> Run:
-    """Save STEPS under ``root`` with val_loss tracking; pin step ``pin``."""
+def make_run(root: str, *, storage_options: dict[str, Any] | None = None, pin: int | None = 10,
+             compression: str = "none") -> Run:
+    """Save STEPS under ``root`` with val_loss tracking; pin step ``pin``; chunks zstd-compressed if asked."""
+    transfer = dataclasses.replace(TRANSFER, compression=compression)
     model = make_model()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     result = Run(root, dict(storage_options or {}))
-    with cloudckpt.CheckpointManager(root, monitor="val_loss", mode="min", transfer=TRANSFER,
+    with cloudckpt.CheckpointManager(root, monitor="val_loss", mode="min", transfer=transfer,
                                      storage_options=storage_options) as mgr:
         for step, loss in STEPS:
             model(torch.randint(0, 64, (2, 4))).square().mean().backward()

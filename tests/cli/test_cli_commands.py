@@ -11,6 +11,10 @@ import cloudckpt
 from cloudckpt.reader import load_manifest
 
 
+#: Every command that moves or checks chunk bytes runs on plain and on zstd-compressed checkpoints.
+COMPRESSIONS = pytest.mark.parametrize("compression", ["none", "zstd"])
+
+
 @pytest.fixture
 def gcs(fake_gcs):
     drain_server_log(fake_gcs)
@@ -27,9 +31,10 @@ def _keys(root: str, **options) -> list[str]:
 
 
 # -- ls / show / verify -------------------------------------------------------------------
-def test_ls_show_verify_on_a_local_root(tmp_path):
+@COMPRESSIONS
+def test_ls_show_verify_on_a_local_root(tmp_path, compression):
     root = str(tmp_path / "run")
-    make_run(root)
+    make_run(root, compression=compression)
     ls = run("ls", root)  # the real entry point; the rest in-process, to keep the suite fast
     ls_json = invoke("ls", f"file://{root}", "--json")
     show = invoke("show", f"{root}/{NAMES[20]}")
@@ -58,7 +63,7 @@ def test_ls_show_verify_on_a_local_root(tmp_path):
     assert "optimizer/state/0/momentum_buffer" in show.stdout
     summary = show_json.json()
     assert summary["name"] == NAMES[30] and summary["step"] == 30 and summary["format_version"] == 3
-    assert summary["compression"] == "none" and summary["chunks"] >= 2 and summary["library_version"]
+    assert summary["compression"] == compression and summary["chunks"] >= 2 and summary["library_version"]
     tensors = {t["path"]: t for t in summary["tensors"]}
     assert tensors["model/0.weight"]["shape"] == [64, 16] and tensors["model/0.weight"]["dtype"] == "float32"
     assert tensors["model/2.bias"]["shape"] == [8]
@@ -69,11 +74,12 @@ def test_ls_show_verify_on_a_local_root(tmp_path):
     assert all(c["ok"] and c["chunks"] >= 2 and not c["errors"] for c in report["checkpoints"])
 
 
-def test_ls_show_verify_on_s3_and_gcs_roots(moto_s3, gcs):
+@COMPRESSIONS
+def test_ls_show_verify_on_s3_and_gcs_roots(moto_s3, gcs, compression):
     s3_root = f"s3://{moto_s3.new_bucket()}/runs/exp1"
     gs_root = f"gs://{gcs.new_bucket()}/runs/exp1"
-    make_run(s3_root, storage_options={"endpoint_url": moto_s3.endpoint_url})
-    make_run(gs_root, storage_options={"endpoint_url": gcs.endpoint_url}, pin=None)
+    make_run(s3_root, storage_options={"endpoint_url": moto_s3.endpoint_url}, compression=compression)
+    make_run(gs_root, storage_options={"endpoint_url": gcs.endpoint_url}, pin=None, compression=compression)
     s3 = ["--endpoint-url", moto_s3.endpoint_url]
     gs = ["--endpoint-url", gcs.endpoint_url]
     s3_ls, gs_show = run_many(("ls", s3_root, "--json", *s3), ("show", gs_root, "best", "--json", *gs))
@@ -96,11 +102,12 @@ def test_ls_show_verify_on_s3_and_gcs_roots(moto_s3, gcs):
 
 
 # -- cp ------------------------------------------------------------------------------------
-def test_cp_s3_to_gcs_to_local_then_verify_and_restore(moto_s3, gcs, tmp_path):
+@COMPRESSIONS
+def test_cp_s3_to_gcs_to_local_then_verify_and_restore(moto_s3, gcs, tmp_path, compression):
     s3_root = f"s3://{moto_s3.new_bucket()}/runs/exp1"
     gs_root = f"gs://{gcs.new_bucket()}/mirror"
     local = str(tmp_path / "local")
-    original = make_run(s3_root, storage_options={"endpoint_url": moto_s3.endpoint_url})
+    original = make_run(s3_root, storage_options={"endpoint_url": moto_s3.endpoint_url}, compression=compression)
 
     to_gcs = run("cp", s3_root, gs_root, "--src-endpoint-url", moto_s3.endpoint_url,
                  "--dst-endpoint-url", gcs.endpoint_url, "--json")
@@ -141,9 +148,10 @@ def test_cp_s3_to_gcs_to_local_then_verify_and_restore(moto_s3, gcs, tmp_path):
 
 
 # -- corruption ------------------------------------------------------------------------------
-def test_verify_fails_on_a_flipped_byte_and_names_the_chunk(tmp_path):
+@COMPRESSIONS
+def test_verify_fails_on_a_flipped_byte_and_names_the_chunk(tmp_path, compression):
     root = tmp_path / "run"
-    make_run(str(root), pin=None)
+    make_run(str(root), pin=None, compression=compression)
     with cloudckpt.open_storage(str(root)) as store:
         manifest_chunks = {c.key for c in load_manifest(store, NAMES[30]).chunks}
         others = {c.key for n in (NAMES[10], NAMES[20]) for c in load_manifest(store, n).chunks}
@@ -220,9 +228,10 @@ def test_user_mistakes_give_one_line_on_stderr(tmp_path, moto_s3):
 
 
 # -- restore ---------------------------------------------------------------------------------
-def test_restore_copies_a_checkpoint_and_exports_weights(tmp_path):
+@COMPRESSIONS
+def test_restore_copies_a_checkpoint_and_exports_weights(tmp_path, compression):
     root = str(tmp_path / "run")
-    original = make_run(root, pin=None)
+    original = make_run(root, pin=None, compression=compression)
     dest = tmp_path / "restored"
     pt = tmp_path / "serve" / "model.pt"
     export = run("restore", root, "--export", str(pt))

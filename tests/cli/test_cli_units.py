@@ -57,9 +57,10 @@ def test_tensor_paths_walk_every_tagged_form():
     assert tensor_paths(tree["model"], sep=".") == [("w", 0)]
 
 
-@pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
-    return make_run(str(tmp_path_factory.mktemp("cli") / "run"), pin=None)
+@pytest.fixture(scope="module", params=["none", "zstd"])
+def local_run(tmp_path_factory, request):
+    """A local run, plain and zstd-compressed: export and copy must handle both."""
+    return make_run(str(tmp_path_factory.mktemp("cli") / "run"), pin=None, compression=request.param)
 
 
 def _pointers(root: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -72,7 +72,12 @@ def _load(state, where, **kwargs):
 
 # -- one process ---------------------------------------------------------------
 
-def test_roundtrip_local_packs_splits_and_verifies(tmp_path):
+#: Every read and verify path runs on plain and on zstd-compressed chunks.
+COMPRESSIONS = pytest.mark.parametrize("compression", ["none", "zstd"])
+
+
+@COMPRESSIONS
+def test_roundtrip_local_packs_splits_and_verifies(tmp_path, compression):
     g = torch.Generator().manual_seed(0)
     state = {
         "big": torch.randn(300, 100, generator=g),  # 120 KB: cut into two 64 KiB chunks
@@ -84,8 +89,9 @@ def test_roundtrip_local_packs_splits_and_verifies(tmp_path):
         "nested": {"layer": {"weight": torch.randn(4, 4, generator=g)}},
         "empty": torch.empty(0, 3),
     }
-    _save(state, tmp_path / "ck", transfer=SMALL_CHUNKS)
+    _save(state, tmp_path / "ck", transfer=replace(SMALL_CHUNKS, compression=compression))
     body = json.loads((tmp_path / "ck" / METADATA_KEY).read_bytes())
+    assert body["compression"] == compression
     assert len(body["chunks"]) == 3  # big x 2 + one pack of the small ones
     target = {**_zeros({k: v for k, v in state.items() if k != "nested"}),
               "nested": {"layer": {"weight": torch.zeros(4, 4)}}}
@@ -110,12 +116,14 @@ def _make_store(kind: str, request, tmp_path):
     return open_storage(f"gs://{server.new_bucket()}/runs/step-1", endpoint_url=server.endpoint_url)
 
 
+@COMPRESSIONS
 @pytest.mark.parametrize("kind", ["memory", "local", "s3", "gcs"])
-def test_roundtrip_and_create_only_commit_on_every_backend(kind, request, tmp_path):
+def test_roundtrip_and_create_only_commit_on_every_backend(kind, request, tmp_path, compression):
     store = _make_store(kind, request, tmp_path)
     g = torch.Generator().manual_seed(3)
     state = {"big": torch.randn(300, 100, generator=g), "small": torch.randn(7, generator=g), "step": 3}
-    dcp.save(state, storage_writer=CloudStorageWriter(store, transfer=SMALL_CHUNKS), no_dist=True)
+    transfer = replace(SMALL_CHUNKS, compression=compression)
+    dcp.save(state, storage_writer=CloudStorageWriter(store, transfer=transfer), no_dist=True)
     target = {"big": torch.zeros(300, 100), "small": torch.zeros(7), "step": 0}
     dcp.load(target, storage_reader=CloudStorageReader(store, allow_pickle="weights_only", full_verify=True),
              no_dist=True)
@@ -205,9 +213,10 @@ def test_failed_save_commits_nothing(fault):
     assert all(torch.equal(target[k], state[k]) for k in state)
 
 
-def test_damaged_chunk_is_detected_and_named(tmp_path):
+@COMPRESSIONS
+def test_damaged_chunk_is_detected_and_named(tmp_path, compression):
     state = {"a": torch.randn(3000), "b": torch.randn(3000)}
-    _save(state, tmp_path / "ck", transfer=SMALL_CHUNKS)
+    _save(state, tmp_path / "ck", transfer=replace(SMALL_CHUNKS, compression=compression))
     body = json.loads((tmp_path / "ck" / METADATA_KEY).read_bytes())
     key = body["chunks"][0]["key"]
     path = tmp_path / "ck" / key

@@ -18,6 +18,9 @@ permanent error instead: ``403`` AccessDenied, ``invalid_key`` (InvalidAccessKey
 ``signature`` (SignatureDoesNotMatch).  The last two echo the access key id and signature of
 the request into the error body, as S3 does, so tests can check that nothing passes them on.
 
+``rewrite`` edits the headers of forwarded answers: ``rewrite(method, path, headers)`` returns the
+headers to send instead, as a store that reports something else would (a different checksum, none).
+
 Every request is recorded (method, path, outcome) in :attr:`FaultProxy.log`.
 """
 
@@ -33,7 +36,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
+from typing import Callable, Self
 from urllib.parse import urlparse
 from xml.sax.saxutils import escape
 
@@ -77,7 +80,8 @@ class FaultProxy:
 
     def __init__(self, upstream: str, *, fault_rate: float = 0.0, seed: int = 0,
                  weights: dict[str, int] | None = None, slow_seconds: float = 1.0,
-                 always: str | None = None, writes_only: bool = False) -> None:
+                 always: str | None = None, writes_only: bool = False,
+                 rewrite: Callable[[str, str, list[tuple[str, str]]], list[tuple[str, str]]] | None = None) -> None:
         parsed = urlparse(upstream)
         self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self.fault_rate = fault_rate
@@ -86,6 +90,7 @@ class FaultProxy:
         self.slow_seconds = slow_seconds
         self.always = always
         self.writes_only = writes_only
+        self.rewrite = rewrite
         self.log: list[Entry] = []
         self._random = random.Random(seed)
         self._lock = threading.Lock()
@@ -184,7 +189,10 @@ class FaultProxy:
                     connection.request(self.command, self.path, body=body, headers=headers)
                     response = connection.getresponse()
                     data = response.read()
-                    return response.status, response.getheaders(), data
+                    answer = response.getheaders()
+                    if proxy.rewrite is not None:
+                        answer = proxy.rewrite(self.command, self.path, answer)
+                    return response.status, answer, data
                 finally:
                     connection.close()
 

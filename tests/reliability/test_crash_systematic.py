@@ -56,7 +56,7 @@ def _make_store(backend: str, tmp_path: Path, clock: Clock):
         return MemoryStorage(clock=clock)
     from cloudckpt.storage.local import LocalStorage
 
-    return LocalStorage(tmp_path, fsync=False)
+    return LocalStorage(tmp_path)  # fsync on, as users run it
 
 
 def _manager(store, clock: Clock, *, async_save: bool, concurrency: int) -> CheckpointManager:
@@ -196,7 +196,7 @@ def test_temp_files_of_a_killed_local_write_are_swept_eventually(tmp_path):
     from cloudckpt.storage.local import LocalStorage
 
     clock = Clock()
-    store = LocalStorage(tmp_path, fsync=False)
+    store = LocalStorage(tmp_path)
     mgr = _manager(store, clock, async_save=False, concurrency=1)
     _save(mgr, 1)
     # What a kill between the write of the temporary file and its link/rename leaves behind:

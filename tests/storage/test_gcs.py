@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
@@ -300,3 +301,13 @@ def test_prefixes_isolate_stores_in_one_bucket(gcs):
     assert [i.key for i in two.list("")] == ["k"]
     with pytest.raises(CloudCkptError):
         one.copy("missing", "x")
+
+
+def test_writes_leave_pythons_global_random_stream_alone(store):
+    """The SDK draws multipart boundaries from `random`; a save must not move the training's stream."""
+    random.seed(1234)
+    expected = [random.random() for _ in range(3)]
+    random.seed(1234)
+    store.put("rng/a", b"x" * 10, mode="create")
+    store.put("rng/b", b"y" * 10)
+    assert [random.random() for _ in range(3)] == expected

@@ -1,0 +1,105 @@
+"""The staging pool a restore verifies chunks in: bounded, reused, pinned only for CUDA destinations."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from cloudckpt import MemoryStorage, TransferConfig
+from cloudckpt.reader import load_manifest
+from cloudckpt.staged_read import stage_tensors
+from cloudckpt.staging import StagingPool, byte_view, copy_bytes, settle, wants_pinned
+from cloudckpt.writer import write_checkpoint
+
+KiB = 1024
+
+
+def test_the_pool_never_holds_more_than_its_budget():
+    pool = StagingPool(10 * KiB)
+    held = [pool.take(4 * KiB), pool.take(4 * KiB)]
+    got: list[torch.Tensor] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.take(4 * KiB)))
+    waiter.start()
+    time.sleep(0.2)
+    assert not got, "a third 4 KiB buffer would exceed the 10 KiB budget"
+    freed = held.pop()
+    pool.give(freed)
+    waiter.join(5)
+    assert got and got[0].data_ptr() == freed.data_ptr()  # the freed buffer was reused
+    assert pool.peak <= 10 * KiB
+
+
+def test_a_buffer_is_reused_instead_of_allocated_again():
+    pool = StagingPool(64 * KiB)
+    first = pool.take(16 * KiB)
+    pool.give(first)
+    assert pool.take(8 * KiB).data_ptr() == first.data_ptr()
+    assert pool.peak == 16 * KiB
+
+
+def test_one_request_larger_than_the_budget_is_served_alone():
+    pool = StagingPool(4 * KiB)
+    assert pool.take(16 * KiB).numel() == 16 * KiB
+
+
+def test_pinned_staging_only_for_cuda_destinations():
+    assert not wants_pinned([torch.zeros(3)])
+    assert not wants_pinned([])
+    # On a machine without CUDA, a CUDA destination cannot exist, and pinning is never asked for.
+    assert wants_pinned([torch.zeros(3, device="meta")]) is False
+
+
+def test_copy_bytes_writes_a_slice_of_any_dtype():
+    dest = torch.zeros(4, dtype=torch.float64)
+    source = byte_view(torch.tensor([1.5, 2.5], dtype=torch.float64))
+    copy_bytes(byte_view(dest), 8, source, 0, 16)
+    settle([dest])
+    assert dest.tolist() == [0.0, 1.5, 2.5, 0.0]
+
+
+@pytest.mark.parametrize("budget", [4 * KiB, 1024 * KiB])
+def test_live_tensors_are_written_only_on_commit_and_staging_stays_within_budget(budget):
+    store = MemoryStorage()
+    transfer = TransferConfig(chunk_size=8 * KiB, pack_threshold=2 * KiB, pack_size=2 * KiB, staging_budget=budget)
+    saved = [torch.randn(3000), torch.randn(100), torch.randn(5000)]
+    write_checkpoint(store, name="a.ckpt", tree={"t": [{"__tensor__": i} for i in range(3)]}, tensors=saved,
+                     metadata=dict(step=1, epoch=None, reason="manual", metrics={}, created="2026-01-01T00:00:00Z"),
+                     transfer=transfer, known_chunks={})
+    live = [torch.zeros(3000), torch.zeros(100), torch.zeros(5000)]
+    staged = stage_tensors(store, load_manifest(store, "a.ckpt"), dict(enumerate(live)), transfer)
+    assert all(not t.any() for t in live), "a live tensor was written before commit"
+    staged.commit()
+    assert all(torch.equal(a, b) for a, b in zip(live, saved))
+    assert staged.stats.passes == (2 if budget < 32 * KiB else 1)
+    assert staged.stats.staging_peak <= max(budget, 8 * KiB)
+
+
+def test_the_smallest_fitting_buffer_is_reused_whatever_its_contents():
+    pool = StagingPool(64 * KiB)
+    big, small = pool.take(32 * KiB), pool.take(8 * KiB)
+    big.fill_(1)
+    small.fill_(2)
+    pool.give(big)
+    pool.give(small)
+    assert pool.take(4 * KiB).data_ptr() == small.data_ptr()
+    assert pool.take(4 * KiB).data_ptr() == big.data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("budget", [4 * KiB, 1024 * KiB])
+def test_cuda_destinations_are_staged_in_pinned_memory_and_written_only_on_commit(budget):
+    store = MemoryStorage()
+    transfer = TransferConfig(chunk_size=8 * KiB, pack_threshold=2 * KiB, pack_size=2 * KiB, staging_budget=budget)
+    saved = [torch.randn(3000), torch.randn(100)]
+    write_checkpoint(store, name="a.ckpt", tree={"t": [{"__tensor__": i} for i in range(2)]}, tensors=saved,
+                     metadata=dict(step=1, epoch=None, reason="manual", metrics={}, created="2026-01-01T00:00:00Z"),
+                     transfer=transfer, known_chunks={})
+    live = [torch.zeros(3000, device="cuda"), torch.zeros(100, device="cuda")]
+    assert wants_pinned(live)
+    staged = stage_tensors(store, load_manifest(store, "a.ckpt"), dict(enumerate(live)), transfer)
+    assert staged._pool.pinned and all(not t.any() for t in live)
+    staged.commit()
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(live, saved))

@@ -35,6 +35,7 @@ from .retention import RetentionContext, as_policy, best_first
 from .snapshot import HostBufferPool, Snapshot
 from .state import RNG_KEY, RNGState
 from .storage import Storage, open_storage
+from .storage.capabilities import check_option, check_writable
 from .sweeper import SweepConfig, Sweeper, SweepReport, referenced_chunks
 from .transfer import TransferConfig
 from .writer import WriteStats, host_copy, write_checkpoint
@@ -74,12 +75,14 @@ class CheckpointManager:
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        options = dict(storage_options or {})
+        self._conditional_writes = check_option(options.pop("conditional_writes", None) or "required")
         if isinstance(root, Storage):
-            if storage_options:
-                raise TypeError("storage_options apply only when root is a URL or path")
+            if options:
+                raise TypeError("storage_options other than conditional_writes apply only when root is a URL or path")
             self.store = root
         else:
-            self.store = open_storage(root, **dict(storage_options or {}))
+            self.store = open_storage(root, **options)
         self.monitor = monitor
         self.mode = mode
         self.retention = None if retention is None else as_policy(retention)
@@ -93,6 +96,7 @@ class CheckpointManager:
         self.catalog = Catalog(self.store)
         self._lock = threading.RLock()
         self._closed = False
+        self._probed = False
         self._saver = BackgroundSaver() if async_save else None
         self._pool = HostBufferPool()
 
@@ -121,6 +125,7 @@ class CheckpointManager:
         self._check_open()
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        self._open_for_writing()
         name = check_manifest_name(name or f"checkpoint_step_{step:08d}.ckpt")
         if is_pointer_key(name):
             raise ValueError(f"{name!r} is reserved for a pointer object; choose another checkpoint name")
@@ -155,6 +160,7 @@ class CheckpointManager:
 
         For writers that commit manifests themselves (e.g. ``cloudckpt.distributed``).
         """
+        self._open_for_writing()
         with self._lock:
             self.catalog.remember(manifest)
             pointers = self._move_pointers(manifest)
@@ -366,6 +372,8 @@ class CheckpointManager:
         (from failed saves) are still swept.  ``dry_run`` only reports.
         """
         self._check_open()
+        if not dry_run:
+            self._open_for_writing()
         report = SweepReport(cleanup=self.sweeper.config.cleanup, dry_run=dry_run)
         with self._lock:
             infos = self.list()
@@ -405,6 +413,7 @@ class CheckpointManager:
         self._check_open()
         self.wait()
         name = check_manifest_name(name)
+        self._open_for_writing()
         with self._lock:
             named_by = [k for k, p in self.catalog.pointers().items() if p.target == name]
             if named_by:
@@ -423,6 +432,7 @@ class CheckpointManager:
 
     def pin(self, name: str, pinned: bool = True) -> None:
         """Pin (or, with ``pinned=False``, unpin) a checkpoint so that retention never removes it."""
+        self._open_for_writing()
         if pinned:
             self.catalog.manifest(check_manifest_name(name))  # only existing checkpoints can be pinned
         update_json(self.store, STATE_KEY, lambda body: run_index.set_pin(body, name, pinned))
@@ -450,6 +460,12 @@ class CheckpointManager:
         finally:
             self._closed = True
             self.store.close()
+
+    def _open_for_writing(self) -> None:
+        """Probe the store before the first write (once per process and store; see capabilities.py)."""
+        if not self._probed:
+            check_writable(self.store, self._conditional_writes)
+            self._probed = True
 
     def _check_open(self) -> None:
         if self._closed:

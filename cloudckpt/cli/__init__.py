@@ -11,6 +11,7 @@ Exit status: 0 success, 1 failure (an error, a failed verification), 2 a usage m
 """
 
 from .app import EXIT_FAILURE, EXIT_USAGE, Failure, cli, main
+from .doctor import doctor_cmd
 from .inspect import VerifyResult, ls_cmd, show_cmd, verify_checkpoint, verify_cmd
 from .manage import gc_cmd, promote_cmd
 from .render import (
@@ -25,7 +26,7 @@ from .targets import open_root, pointers_of, resolve, split_target
 from .transfer import cp_cmd, export_weights, restore_cmd
 
 __all__ = [
-    "EXIT_FAILURE", "EXIT_USAGE", "Failure", "VerifyResult", "cli", "cp_cmd", "emit_json", "export_weights",
+    "EXIT_FAILURE", "EXIT_USAGE", "Failure", "VerifyResult", "cli", "cp_cmd", "doctor_cmd", "emit_json", "export_weights",
     "gc_cmd", "human_age", "human_bytes", "ls_cmd", "main", "open_root", "parse_duration", "pointers_of",
     "promote_cmd", "resolve", "restore_cmd", "show_cmd", "split_target", "table", "tensor_paths",
     "verify_checkpoint", "verify_cmd",

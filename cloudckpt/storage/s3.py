@@ -50,6 +50,7 @@ from .base import (
     check_prefix,
     check_range,
 )
+from .endpoints import s3_endpoint
 from .lifecycle import EXPIRED_TAG_KEY, EXPIRED_TAG_VALUE
 from .s3_errors import Call, error_for_code, precondition_error, translate_error
 
@@ -182,6 +183,7 @@ class S3Storage(Storage):
             with self._translated("connect to", None):
                 client = _make_client(endpoint_url, region, profile, max_pool_connections)
         self._client = client
+        self.endpoint, self.endpoint_setting = s3_endpoint(client, endpoint_url, region, self._owns_client)
 
     # -- helpers ---------------------------------------------------------------
     def _full(self, key: str) -> str:
@@ -193,7 +195,8 @@ class S3Storage(Storage):
         try:
             yield
         except (ClientError, BotoCoreError) as exc:
-            raise translate_error(exc, op, self.bucket, full_key, mode) from exc
+            raise translate_error(exc, op, self.bucket, full_key, mode,
+                                  (getattr(self, "endpoint", None), getattr(self, "endpoint_setting", None))) from exc
 
     # -- Storage ---------------------------------------------------------------
     def put(self, key: str, data: Buffer, mode: PutMode = "overwrite") -> ObjectInfo:

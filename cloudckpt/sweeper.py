@@ -147,8 +147,7 @@ class Sweeper:
     def abort_stale_uploads(self, report: SweepReport) -> None:
         """Abort uploads older than ``stale_upload_age`` (left by crashed writers), anywhere in the root."""
         now = self.config.clock()
-        caps = getattr(self.store, "capabilities", None)
-        if self._uploads_unlistable or (caps is not None and caps.upload_listing == "unsupported"):
+        if self._uploads_unlistable:
             return
         try:
             pending_uploads = self.store.list_pending_uploads("")

@@ -125,8 +125,8 @@ def probe(store: Storage) -> Capabilities:
     backend = innermost(store)
     key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
     seen: list[str] = []
+    first = store.put(key, b"cloudckpt capability probe: first", mode="create")
     try:
-        first = store.put(key, b"cloudckpt capability probe: first", mode="create")
         try:
             store.put(key, b"cloudckpt capability probe: second", mode="create")
             create_only = "ignored"

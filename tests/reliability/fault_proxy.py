@@ -95,9 +95,9 @@ class Entry:
 
 @dataclass
 class Rule:
-    """Answer the first ``times`` requests that ``match(method, path)`` picks with ``mode``."""
+    """Answer the first ``times`` requests that ``match(method, path, body)`` picks with ``mode``."""
 
-    match: Callable[[str, str], bool]
+    match: Callable[[str, str, bytes], bool]
     mode: str
     times: int = 1
     hits: int = 0
@@ -192,14 +192,18 @@ class FaultProxy:
                 return number, self.always
             if number in self.schedule:
                 return number, self.schedule[number]
-            for rule in self.rules:
-                if rule.hits < rule.times and rule.match(method, path):
-                    rule.hits += 1
-                    return number, rule.mode
             if self.fault_rate and self._random.random() < self.fault_rate:
                 modes = list(self.weights)
                 return number, self._random.choices(modes, [self.weights[m] for m in modes])[0]
             return number, "forwarded"
+
+    def _match_rules(self, method: str, path: str, body: bytes) -> str:
+        with self._lock:
+            for rule in self.rules:
+                if rule.hits < rule.times and rule.match(method, path, body):
+                    rule.hits += 1
+                    return rule.mode
+        return "forwarded"
 
     def _record(self, method: str, path: str, outcome: str, number: int = 0) -> None:
         with self._lock:
@@ -360,10 +364,13 @@ class FaultProxy:
                     proxy._busy += 1
                 try:
                     number, outcome = proxy._choose(self.command, self.path)
-                    proxy._record(self.command, self.path, outcome, number)
                     if outcome == "reset_body":
+                        proxy._record(self.command, self.path, outcome, number)
                         self._read_half_then_reset()
                     body = self._body()
+                    if outcome == "forwarded" and proxy.rules and proxy.enabled:
+                        outcome = proxy._match_rules(self.command, self.path, body)
+                    proxy._record(self.command, self.path, outcome, number)
                     if outcome == "forwarded":
                         self._send(*self._forward(body))
                     elif outcome in _ERRORS or outcome == "not_implemented":

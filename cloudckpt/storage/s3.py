@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import boto3
+import urllib3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
@@ -194,7 +195,7 @@ class S3Storage(Storage):
         """Re-raise SDK errors from the block as cloudckpt errors, chained to the original."""
         try:
             yield
-        except (ClientError, BotoCoreError) as exc:
+        except (ClientError, BotoCoreError, urllib3.exceptions.HTTPError) as exc:
             raise translate_error(exc, op, self.bucket, full_key, mode,
                                   (getattr(self, "endpoint", None), getattr(self, "endpoint_setting", None))) from exc
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import urllib3
+
 from botocore.exceptions import (
     ClientError,
     ConnectionClosedError,
@@ -39,6 +41,9 @@ from .endpoints import unreachable_message
 __all__ = ["Call", "error_for_code", "precondition_error", "translate_error"]
 
 _NETWORK_ERRORS = (
+    # botocore reads the body of a non-streaming answer (an error, a listing) itself, and lets
+    # urllib3's exception through when the connection breaks in the middle of it.
+    urllib3.exceptions.HTTPError,
     EndpointConnectionError,
     ConnectionClosedError,
     ReadTimeoutError,

@@ -222,6 +222,9 @@ class FaultProxy:
             self.log.clear()
 
     def _kill_victim(self) -> None:
+        deadline = time.monotonic() + 10
+        while self.victim is None and time.monotonic() < deadline:
+            time.sleep(0.005)  # the test sets it right after starting the process
         victim = self.victim
         if victim is None:
             raise AssertionError("kill_before/kill_after scheduled, but FaultProxy.victim is not set")

@@ -8,6 +8,8 @@ import os
 import uuid
 from typing import Any
 
+import boto3
+
 from reliability_util import KiB, audit, blank_like, same_state, step_state
 
 from cloudckpt import CheckpointManager, KeepLastN, SweepConfig, TransferConfig
@@ -21,6 +23,8 @@ TRANSFER = TransferConfig(chunk_size=64 * KiB, pack_threshold=8 * KiB, concurren
                           multipart_threshold=60 * KiB, part_size=16 * KiB)
 GCS_RESUMABLE_THRESHOLD = 32 * KiB
 SCHEMES = {"s3": "s3", "gcs": "gs"}
+#: One boto3 session for every client: its loader parses the service models once per process.
+SESSION = boto3.session.Session()
 #: Environment switch of the long sweeps: "full" tries every crash point / seeds many storms.
 SWEEP = os.environ.get("CLOUDCKPT_HTTP_SWEEP", "sample")
 
@@ -43,11 +47,14 @@ def http_store(flavor: str, bucket: str, endpoint: str, prefix: str = "run", *, 
                policy: RetryPolicy | None = None) -> RetryingStorage:
     """S3Storage or GCSStorage on ``endpoint`` (moto, fake-gcs-server, or a FaultProxy before them)."""
     if flavor == "s3":
-        from fault_proxy import s3_client
+        from botocore.config import Config
 
         from cloudckpt.storage.s3 import S3Storage
 
-        backend: Any = S3Storage(bucket, prefix, client=s3_client(endpoint, read_timeout=read_timeout))
+        config = Config(retries={"mode": "standard", "total_max_attempts": 1}, read_timeout=read_timeout,
+                        connect_timeout=5, max_pool_connections=16)
+        client = SESSION.client("s3", endpoint_url=endpoint, region_name="us-east-1", config=config)
+        backend: Any = S3Storage(bucket, prefix, client=client)
     else:
         from cloudckpt.storage.gcs import GCSStorage
 
@@ -74,6 +81,13 @@ def populate(store, steps=(1, 2)) -> None:
     mgr = manager(store, keep=len(steps) + 1)
     for step in steps:
         mgr.save(step_state(step), step=step, metrics={"loss": loss(step)})
+
+
+def clone(template, store) -> None:
+    """Copy every object of ``template`` into ``store``: a populated root for two requests per
+    object (cheaper than saving it again)."""
+    for info in template.list(""):
+        store.put(info.key, template.get(info.key))
 
 
 def check_root(store, *, required: set[str], latest_at_least: int, where: str) -> dict[str, Any]:

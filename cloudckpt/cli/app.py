@@ -6,7 +6,6 @@ Commands register themselves on :data:`cli` when their modules are imported (see
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -15,29 +14,10 @@ import click
 
 from .. import __version__
 from ..errors import CloudCkptError
+from .redact import RedactSecrets
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-
-#: Credential material the SDKs' debug logs contain: signing key ids, signatures, tokens.
-_SECRETS = re.compile(
-    r"(Credential=|X-Amz-Credential=|Signature=|X-Amz-Signature=|X-Amz-Security-Token[=:]\s*|"
-    r"x-amz-security-token[=:]\s*|Authorization[\"']?[=:]\s*[\"']?Bearer\s+|access_token[\"']?[=:]\s*[\"']?)"
-    r"[^\s,&'\"]+"
-)
-_KEY_ID = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{12,}\b")
-
-
-class RedactSecrets(logging.Filter):
-    """Blanks credentials and signatures out of log records (``-vv`` turns on the SDKs' debug logs)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = _KEY_ID.sub("<redacted>", _SECRETS.sub(lambda m: m.group(1) + "<redacted>", message))
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        return True
-
 
 # -- errors ---------------------------------------------------------------------
 class Failure(click.ClickException):

@@ -97,7 +97,7 @@ class CheckpointManager:
         self._lock = threading.RLock()
         self._closed = False
         self._probed = False
-        self._saver = BackgroundSaver() if async_save else None
+        self._saver = BackgroundSaver(self._explain_abandoned) if async_save else None
         self._pool = HostBufferPool()
 
     # -- saving ----------------------------------------------------------------
@@ -460,6 +460,12 @@ class CheckpointManager:
         finally:
             self._closed = True
             self.store.close()
+
+    def _explain_abandoned(self, name: str) -> str:
+        return (f"nothing was committed ({self.store.url}/{name} does not exist; earlier checkpoints are "
+                f"untouched). Chunks it had already uploaded are orphaned under {self.store.url}/chunks/; "
+                f"prune() or `cloudckpt gc` removes them once they are older than the grace period "
+                f"(SweepConfig.grace, {self.sweeper.config.grace}).")
 
     def _open_for_writing(self) -> None:
         """Probe the store before the first write (once per process and store; see capabilities.py)."""

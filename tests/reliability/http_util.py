@@ -90,11 +90,15 @@ def clone(template, store) -> None:
         store.put(info.key, template.get(info.key))
 
 
-def check_root(store, *, required: set[str], latest_at_least: int, where: str) -> dict[str, Any]:
+def check_root(store, *, required: set[str], latest_at_least: int, where: str,
+               pointer_at_least: int | None = None) -> dict[str, Any]:
     """The invariant after any fault: returns the counts, raises AssertionError naming ``where``.
 
     * the root resolves to a checkpoint that restores bit-exactly and verifies;
-    * ``latest`` (resolved and the pointer) never moved back below ``latest_at_least``;
+    * ``latest`` never moved back: it resolves to step ``latest_at_least`` or later, and the
+      ``latest.ckpt`` pointer names ``pointer_at_least`` or later (default: ``latest_at_least``;
+      a kill between a commit and the pointer move leaves the pointer where it was, and readers
+      take the newer manifest);
     * every visible manifest verifies, and none references a missing chunk; no pointer dangles;
     * every checkpoint in ``required`` (committed, and kept by the retention policy) is there.
     """
@@ -118,7 +122,8 @@ def check_root(store, *, required: set[str], latest_at_least: int, where: str) -
             problems.append(f"latest moved back to step {info.step} (< {latest_at_least})")
         mgr.verify()
         pointer = read_pointer(store, LATEST_POINTER)
-        if pointer is not None and pointer.step < latest_at_least:
+        floor = latest_at_least if pointer_at_least is None else pointer_at_least
+        if pointer is not None and pointer.step < floor:
             backwards += 1
             problems.append(f"latest.ckpt moved back to step {pointer.step}")
     elif required:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -55,10 +56,13 @@ def _manager(url: str, endpoint: str, **options) -> CheckpointManager:
 
 
 def _doctor(root: str, endpoint: str | None = None) -> tuple[int, str, dict]:
+    """``cloudckpt doctor`` as text, and the fields its ``--json`` form gives."""
     extra = ["--endpoint-url", endpoint] if endpoint else []
     text = invoke_cli(["doctor", root, *extra])
-    as_json = invoke_cli(["doctor", root, "--json", *extra])
-    return text.exit_code, text.output, json.loads(as_json.output)
+    fields = {"create_only": re.search(r"create-only writes\s+(\w+)", text.output).group(1),
+              "if_match": re.search(r"If-Match writes\s+(\w+)", text.output).group(1)}
+    fields["conditional_writes"] = fields["create_only"] == fields["if_match"] == "enforced"
+    return text.exit_code, text.output, fields
 
 
 # -- 1. the probe and doctor ---------------------------------------------------------------------
@@ -86,8 +90,11 @@ def test_doctor_on_the_emulators_a_directory_and_a_store_that_ignores_conditions
         if endpoint or ignoring:
             assert "chosen by the endpoint_url option" in text
         lines.append(f"[doctor] {label}: $ cloudckpt doctor {root}\n" + text.rstrip())
-    # The probe cleans up after itself.
+    # The probe cleans up after itself; --json gives the same as fields.
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    as_json = json.loads(invoke_cli(["doctor", str(tmp_path), "--json"]).output)
+    assert as_json["conditional_writes"] is True and as_json["backend"] == "LocalStorage", as_json
+    assert as_json["checksums"] == "not reported" and as_json["upload_listing"] == "supported"
     for line in lines:
         report(line)
 
@@ -165,17 +172,17 @@ def _single_writer(url: str, endpoint: str, wrap=None, **options) -> CheckpointM
 
 def test_single_writer_mode_saves_restores_and_refuses_an_existing_name(stripping, caplog):
     flavor, url, endpoint = stripping
-    mgr = _single_writer(url, endpoint, retention=KeepLastN(2))
-    for step in (1, 2, 3):
+    mgr = _single_writer(url, endpoint, retention=KeepLastN(1))
+    for step in (1, 2):
         mgr.save(step_state(step), step=step)
     assert mgr.store.capabilities.single_writer and not mgr.store.capabilities.conditional_writes
-    assert [i.step for i in mgr.list()] == [2, 3]
+    assert [i.step for i in mgr.list()] == [2]
     target = blank_like(step_state(0))
-    assert mgr.restore(target).step == 3 and same_state(target, step_state(3))
-    before = mgr.store.get("checkpoint_step_00000003.ckpt")
+    assert mgr.restore(target).step == 2 and same_state(target, step_state(2))
+    before = mgr.store.get("checkpoint_step_00000002.ckpt")
     with pytest.raises(AlreadyExists):  # the store would have let it overwrite: the HEAD before refuses
-        _single_writer(url, endpoint).save(step_state(30), step=3)
-    assert mgr.store.get("checkpoint_step_00000003.ckpt") == before
+        _single_writer(url, endpoint).save(step_state(20), step=2)
+    assert mgr.store.get("checkpoint_step_00000002.ckpt") == before
     assert sum("single-writer mode" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING) <= 1
 
 
@@ -221,7 +228,7 @@ def test_a_store_without_upload_listing_costs_one_warning(moto_s3, caplog):
     bucket = moto_s3.new_bucket()
     with FaultProxy(moto_s3.endpoint_url, no_upload_listing=True) as proxy:
         mgr = _manager(f"s3://{bucket}/run", proxy.endpoint_url, retention=KeepLastN(1))
-        for step in (1, 2, 3, 4):
+        for step in (1, 2, 3):
             mgr.save(step_state(step), step=step)
         mgr.prune()
     assert mgr.store.capabilities.upload_listing == "unsupported"
@@ -229,7 +236,7 @@ def test_a_store_without_upload_listing_costs_one_warning(moto_s3, caplog):
     assert not [r for r in ours if r.levelno >= logging.ERROR], [r.getMessage() for r in ours]
     warnings = [r.getMessage() for r in ours if "multipart uploads" in r.getMessage()]
     assert len(warnings) == 1 and "lifecycle rule" in warnings[0], warnings
-    assert [i.step for i in mgr.list()] == [4]
+    assert [i.step for i in mgr.list()] == [3]
 
 
 def test_probe_of_a_memory_store_is_by_construction():

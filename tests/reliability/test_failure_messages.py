@@ -78,7 +78,7 @@ def test_two_ctrl_c_during_an_async_upload_say_what_was_abandoned(moto_s3):
     bucket = moto_s3.new_bucket()
     root = f"s3://{bucket}/run"
     stall = Rule(lambda method, path, body: method == "PUT" and "/chunks/" in path, "slow", times=1000)
-    with FaultProxy(moto_s3.endpoint_url, rules=[stall], slow_seconds=4.0) as proxy:
+    with FaultProxy(moto_s3.endpoint_url, rules=[stall], slow_seconds=2.5) as proxy:
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         child = subprocess.Popen([sys.executable, "-c", _CHILD, root, proxy.endpoint_url], env=env, cwd=REPO,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

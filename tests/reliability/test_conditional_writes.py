@@ -143,6 +143,13 @@ def test_a_store_that_ignores_conditional_writes_is_refused_by_default(stripping
     assert mgr.list() == []
     store = open_storage(url, endpoint_url=server[2].endpoint_url)
     assert [i.key for i in store.list("")] == []  # not even the probe object is left
+    # `cloudckpt cp` into such a store is refused the same way.
+    source = url.replace("/run", "/source")
+    _manager(source, server[2].endpoint_url).save(step_state(1), step=1)
+    copied = invoke_cli(["cp", source, url, "--src-endpoint-url", server[2].endpoint_url,
+                         "--dst-endpoint-url", endpoint, "--no-progress"])
+    assert copied.exit_code == 1 and "ignores conditional writes" in copied.output, copied.output
+    assert [i.key for i in store.list("")] == []
 
 
 # -- 3. single-writer mode -----------------------------------------------------------------------

@@ -54,6 +54,7 @@ from .pointers import (
 from .parallel import run_parallel
 from .reader import ChunkFetcher
 from .storage.base import ObjectInfo, Storage, upload_multipart
+from .storage.capabilities import check_writable
 from .storage.lifecycle import CHUNK_PREFIX
 from .transfer import TransferConfig
 
@@ -139,6 +140,7 @@ class Copier:
     # -- one checkpoint -------------------------------------------------------
     def copy(self, name: str, *, progress: Progress | None = None) -> CopyStats:
         check_manifest_name(name)
+        check_writable(self.dst)  # the capability probe, once per process (storage/capabilities.py)
         if is_pointer_key(name):
             raise ValueError(f"{name!r} is a pointer object, not a checkpoint; copy the checkpoint it names")
         where = f"{self.src.url}/{name}"

@@ -41,6 +41,14 @@ class TransientError(CloudCkptError):
     """A failure that may succeed when tried again (throttling, 5xx, resets, timeouts)."""
 
 
+class EndpointUnreachable(TransientError):
+    """Nothing accepts connections at the store's endpoint (refused, or the name does not resolve).
+
+    Retried only briefly (``RetryPolicy.unreachable_attempts``): it is almost always a wrong
+    endpoint or a service that is not running, not a passing condition.
+    """
+
+
 class CorruptCheckpoint(CloudCkptError):
     """Stored bytes fail verification: checksum mismatch, truncation or a malformed manifest."""
 

@@ -30,6 +30,7 @@ from .saving import checkpoint_metadata, metric_value, pointer_steps, with_rng
 from .snapshot import HostBufferPool, Snapshot
 from .state import RNG_KEY, RNGState
 from .storage import Storage, open_storage
+from .storage.capabilities import check_option, check_writable
 from .sweeper import SweepConfig, Sweeper, SweepReport, referenced_chunks
 from .timeline import read_live
 from .transaction import restore_checkpoint
@@ -74,12 +75,14 @@ class CheckpointManager:
         retention = None if retention is None else as_policy(retention)
         check_manager_config(monitor=monitor, mode=mode, retention=retention, cleanup=cleanup,
                              transfer=transfer, top_k=top_k)
+        options = dict(storage_options or {})
+        self._conditional_writes = check_option(options.pop("conditional_writes", None) or "required")
         if isinstance(root, Storage):
-            if storage_options:
-                raise TypeError("storage_options apply only when root is a URL or path")
+            if options:
+                raise TypeError("storage_options other than conditional_writes apply only when root is a URL or path")
             self.store = root
         else:
-            self.store = open_storage(root, **dict(storage_options or {}))
+            self.store = open_storage(root, **options)
         self.monitor = monitor
         self.mode = mode
         self.retention = retention
@@ -96,7 +99,8 @@ class CheckpointManager:
         self._reported: set[str] = set()  # junk objects already reported
         self._lock = threading.RLock()
         self._closed = False
-        self._saver = BackgroundSaver() if async_save else None
+        self._probed = False
+        self._saver = BackgroundSaver(self._explain_abandoned) if async_save else None
         self._pool = HostBufferPool()
 
     # -- saving ----------------------------------------------------------------
@@ -124,6 +128,7 @@ class CheckpointManager:
         self._check_open()
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        self._open_for_writing()
         name = check_manifest_name(name or f"checkpoint_step_{step:08d}.ckpt")
         if is_pointer_key(name):
             raise ValueError(f"{name!r} is reserved for a pointer object; choose another checkpoint name")
@@ -172,6 +177,7 @@ class CheckpointManager:
         Never raises for a failure of these steps: the checkpoint is committed.  Failures are logged
         and listed in the returned info's ``problems``; the next save runs them again.
         """
+        self._open_for_writing()
         moved: list[str] = []
         with self._lock:
             self.catalog.remember(manifest, token)
@@ -210,6 +216,8 @@ class CheckpointManager:
         ``to``.  ``dry_run`` only reports what would be superseded.
         """
         self._check_open()
+        if not dry_run:
+            self._open_for_writing()
         self.wait()
         with self._lock:
             view = self.resolver.view()
@@ -228,6 +236,7 @@ class CheckpointManager:
         self._check_open()
         if is_pointer_key(name):
             raise ValueError(f"{name!r} is a pointer, not a checkpoint")
+        self._open_for_writing()
         with self._lock:
             self.catalog.forget({name})
             return quarantine(self.store, check_manifest_name(name), reason)
@@ -386,6 +395,8 @@ class CheckpointManager:
         and those only quarantined manifests used) are still swept.  ``dry_run`` only reports.
         """
         self._check_open()
+        if not dry_run:
+            self._open_for_writing()
         report = SweepReport(cleanup=self.sweeper.config.cleanup, dry_run=dry_run)
         with self._lock:
             view = self.resolver.view()
@@ -439,6 +450,7 @@ class CheckpointManager:
         are swept later, once no other checkpoint uses them.  A pointer naming it is left to dangle
         (readers fall back to the newest checkpoint that exists)."""
         self._check_open()
+        self._open_for_writing()
         self.wait()
         name = check_manifest_name(name)
         with self._lock:
@@ -457,6 +469,7 @@ class CheckpointManager:
 
     def pin(self, name: str, pinned: bool = True) -> None:
         """Pin (or, with ``pinned=False``, unpin) a checkpoint so that retention never removes it."""
+        self._open_for_writing()
         if pinned:
             self.catalog.manifest(check_manifest_name(name))  # only existing checkpoints can be pinned
         update_json(self.store, STATE_KEY, lambda body: run_index.set_pin(body, name, pinned))
@@ -484,6 +497,18 @@ class CheckpointManager:
         finally:
             self._closed = True
             self.store.close()
+
+    def _explain_abandoned(self, name: str) -> str:
+        return (f"nothing was committed ({self.store.url}/{name} does not exist; earlier checkpoints are "
+                f"untouched). Chunks it had already uploaded are orphaned under {self.store.url}/chunks/; "
+                f"prune() or `cloudckpt gc` removes them once they are older than the grace period "
+                f"(SweepConfig.grace, {self.sweeper.config.grace}).")
+
+    def _open_for_writing(self) -> None:
+        """Probe the store before the first write (once per process and store; see capabilities.py)."""
+        if not self._probed:
+            check_writable(self.store, self._conditional_writes)
+            self._probed = True
 
     def _check_open(self) -> None:
         if self._closed:

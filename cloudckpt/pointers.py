@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, TypeVar
 
 from .errors import AlreadyExists, CorruptCheckpoint, NotFound, PreconditionFailed
+from . import single_writer
 from .format.manifest import is_manifest_name
 from .storage.base import IfMatch, PutMode, Storage
 
@@ -141,7 +142,8 @@ def compare_and_swap(
             return False
         try:
             store.put(key, new, mode=mode)
-            return True
+            if single_writer.confirmed(store, key, new, "Re-reading it and re-applying this change."):
+                return True
         except (AlreadyExists, PreconditionFailed, NotFound):
             log.debug("%s/%s changed under us (attempt %d); re-reading", store.url, key, attempt + 1)
             sleep(random.uniform(0, 0.01 * (attempt + 1)))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal
 
 from . import run_index
-from .errors import PermissionDenied
+from .errors import CloudCkptError, PermissionDenied, TransientError
 from .format.manifest import Manifest
 from .pointers import STATE_KEY, update_json
 from .storage.base import Storage
@@ -86,6 +86,7 @@ class Sweeper:
         self.store = store
         self.config = config or SweepConfig()
         self._marked: set[str] = set()  # marked for lifecycle expiry by this process: not marked again
+        self._uploads_unlistable = False  # listing unfinished uploads failed once: not tried again
 
     def remove_checkpoints(self, names: Iterable[str], report: SweepReport) -> None:
         """Delete the manifests ``names`` (the checkpoints cease to exist; their chunks become garbage)."""
@@ -155,11 +156,20 @@ class Sweeper:
     def abort_stale_uploads(self, report: SweepReport) -> None:
         """Abort uploads older than ``stale_upload_age`` (left by crashed writers), anywhere in the root."""
         now = self.config.clock()
+        if self._uploads_unlistable:
+            return
         try:
             pending_uploads = self.store.list_pending_uploads("")
-        except PermissionDenied as exc:
-            log.warning("cannot list unfinished uploads (%s); grant s3:ListBucketMultipartUploads and "
-                        "s3:AbortMultipartUpload so that abandoned uploads are cleaned up", exc)
+        except TransientError:
+            raise
+        except CloudCkptError as exc:
+            # An optional call: degrade once, with one warning, instead of failing every prune.
+            self._uploads_unlistable = True
+            hint = ("grant s3:ListBucketMultipartUploads and s3:AbortMultipartUpload"
+                    if isinstance(exc, PermissionDenied) else "this store does not implement it")
+            log.warning("cannot list unfinished multipart uploads of %s (%s); %s. Abandoned uploads are not "
+                        "cleaned up by cloudckpt: use a bucket lifecycle rule for incomplete multipart uploads. "
+                        "Not tried again by this process.", self.store.url, exc, hint)
             return
         for pending in pending_uploads:
             if pending.initiated is not None and now - pending.initiated >= self.config.stale_upload_age:

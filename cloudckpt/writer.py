@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import single_writer
 from .errors import AlreadyExists, CorruptCheckpoint
 from .format.dtypes import record_of, tensor_bytes
 from .format.manifest import ChunkRef, Manifest, TensorEntry, chunk_key
@@ -153,15 +154,25 @@ def commit_manifest(store: Storage, manifest: Manifest) -> ObjectInfo:
     """Write ``manifest`` create-only: from this moment the checkpoint exists.
 
     A name already taken is AlreadyExists; :func:`cloudckpt.branching.commit` settles why (a
-    superseded or damaged manifest, or the same checkpoint saved again).
+    superseded or damaged manifest, or the same checkpoint saved again).  On a store that ignores
+    create-only writes (single-writer mode) the name is checked first and the write read back.
     """
+    data = manifest.to_bytes()
     try:
-        return store.put(manifest.name, manifest.to_bytes(), mode="create")
+        single_writer.refuse_if_taken(store, manifest.name)
+        info = store.put(manifest.name, data, mode="create")
     except AlreadyExists as exc:
         raise AlreadyExists(
             f"{store.url}/{manifest.name}: a checkpoint of that name is already committed; "
             "it was kept as it is. Save under another name or step."
         ) from exc
+    if not single_writer.confirmed(store, manifest.name, data, "This save is lost; the other checkpoint stands."):
+        raise AlreadyExists(
+            f"{store.url}/{manifest.name}: another writer committed a checkpoint of that name at the same "
+            "moment and replaced this one (the store ignores create-only writes). Only one process may "
+            "write to this root."
+        )
+    return info
 
 
 def write_checkpoint(

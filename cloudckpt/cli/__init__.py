@@ -13,6 +13,7 @@ for a tool ended by SIGPIPE).  Errors are one line on stderr; ``--debug`` shows 
 """
 
 from .app import EXIT_FAILURE, EXIT_USAGE, Failure, cli, main
+from .doctor import doctor_cmd
 from .inspect import VerifyResult, ls_cmd, show_cmd, verify_checkpoint, verify_cmd
 from .manage import gc_cmd, promote_cmd
 from .render import (
@@ -28,7 +29,7 @@ from .timelines import quarantine_cmd, rollback_cmd
 from .transfer import cp_cmd, export_weights, restore_cmd
 
 __all__ = [
-    "EXIT_FAILURE", "EXIT_USAGE", "Failure", "VerifyResult", "cli", "cp_cmd", "emit_json", "export_weights",
+    "EXIT_FAILURE", "EXIT_USAGE", "Failure", "VerifyResult", "cli", "cp_cmd", "doctor_cmd", "emit_json", "export_weights",
     "gc_cmd", "human_age", "human_bytes", "ls_cmd", "main", "open_root", "parse_duration", "pointers_of",
     "promote_cmd", "quarantine_cmd", "resolve", "restore_cmd", "rollback_cmd", "show_cmd", "split_target", "table", "tensor_paths",
     "verify_checkpoint", "verify_cmd",

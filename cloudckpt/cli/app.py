@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable
@@ -17,32 +16,13 @@ import click
 
 from .. import __version__
 from ..errors import CloudCkptError
+from .redact import RedactSecrets
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 #: Exit status when the reader of stdout went away (``cloudckpt show ROOT | head -2``): what a shell
 #: reports for a tool that SIGPIPE ended (128 + 13), with no message, as ``cat`` or ``grep`` behave.
 EXIT_BROKEN_PIPE = 128 + getattr(signal, "SIGPIPE", 13)
-
-#: Credential material the SDKs' debug logs contain: signing key ids, signatures, tokens.
-_SECRETS = re.compile(
-    r"(Credential=|X-Amz-Credential=|Signature=|X-Amz-Signature=|X-Amz-Security-Token[=:]\s*|"
-    r"x-amz-security-token[=:]\s*|Authorization[\"']?[=:]\s*[\"']?Bearer\s+|access_token[\"']?[=:]\s*[\"']?)"
-    r"[^\s,&'\"]+"
-)
-_KEY_ID = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{12,}\b")
-
-
-class RedactSecrets(logging.Filter):
-    """Blanks credentials and signatures out of log records (``-vv`` turns on the SDKs' debug logs)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = _KEY_ID.sub("<redacted>", _SECRETS.sub(lambda m: m.group(1) + "<redacted>", message))
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        return True
-
 
 # -- errors ---------------------------------------------------------------------
 class Failure(click.ClickException):

@@ -24,6 +24,7 @@ from .base import (
     check_key,
     upload_multipart,
 )
+from .capabilities import check_option
 from .memory import MemoryStorage
 from .retry import RetryPolicy, RetryingStorage
 
@@ -54,9 +55,12 @@ def open_storage(url: str | os.PathLike[str], *, retry: RetryPolicy | None = Non
     the backend (e.g. ``endpoint_url``, ``region``, ``profile`` for S3;
     ``project``, ``endpoint_url`` for GCS).  Transient failures are retried by
     ``retry`` (a default :class:`RetryPolicy` unless given; pass
-    ``RetryPolicy(max_attempts=1)`` to disable).
+    ``RetryPolicy(max_attempts=1)`` to disable).  ``conditional_writes="unsupported"``
+    accepts a store that ignores conditional writes, in single-writer mode (see
+    :mod:`cloudckpt.storage.capabilities`).
     """
     url = os.fspath(url)
+    conditional_writes = options.pop("conditional_writes", "required")
     scheme = urlparse(url).scheme if "://" in url else ""
     if scheme == "memory":
         if options:
@@ -76,7 +80,9 @@ def open_storage(url: str | os.PathLike[str], *, retry: RetryPolicy | None = Non
         raise ValueError(
             f"unsupported storage URL {url!r}: use s3://, gs://, file://, a local path or memory://"
         )
-    return RetryingStorage(backend, retry or RetryPolicy())
+    store = RetryingStorage(backend, retry or RetryPolicy())
+    store.conditional_writes = check_option(conditional_writes)
+    return store
 
 
 def _import_backend(scheme: str, name: str):

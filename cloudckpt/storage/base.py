@@ -17,9 +17,12 @@ import datetime as _dt
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Literal, Union
+from typing import TYPE_CHECKING, Iterable, Literal, Union
 
 from ..errors import InvalidKey
+
+if TYPE_CHECKING:
+    from .capabilities import Capabilities
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -138,8 +141,12 @@ class Storage(abc.ABC):
     min_part_size: int = 1
     #: Part size used when a caller does not choose one.
     default_part_size: int = 16 * 1024 * 1024
-    #: Whether ``create`` and ``IfMatch`` are enforced atomically by the store.
+    #: Whether ``create`` and ``IfMatch`` are enforced atomically by the store (the probe's finding).
     supports_conditional_writes: bool = True
+    #: What the capability probe found, once the root was opened for writing (see capabilities.py).
+    capabilities: "Capabilities | None" = None
+    #: ``"unsupported"`` accepts a store that ignores conditional writes (single-writer mode).
+    conditional_writes: str = "required"
 
     @abc.abstractmethod
     def put(self, key: str, data: Buffer, mode: PutMode = "overwrite") -> ObjectInfo:

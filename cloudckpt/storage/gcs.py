@@ -28,6 +28,7 @@ import io
 import logging
 import os
 import re
+import socket
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import google.auth.exceptions
 import requests
+import urllib3
 from google.api_core import exceptions as api_exceptions
 from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import storage
@@ -47,6 +49,7 @@ except ImportError:  # google-cloud-storage < 3 raised google-resumable-media's 
 from ..errors import (
     AlreadyExists,
     CloudCkptError,
+    EndpointUnreachable,
     InvalidKey,
     NotFound,
     PermissionDenied,
@@ -66,6 +69,7 @@ from .base import (
     check_prefix,
     check_range,
 )
+from .endpoints import gcs_endpoint, unreachable_message
 from .lifecycle import GCS_EXPIRED_FIELD as EXPIRED_CUSTOM_TIME_FIELD
 from .sdk_rng import isolate_sdk_random
 
@@ -122,7 +126,8 @@ _NO_BUCKET = re.compile(r"bucket does not exist", re.IGNORECASE)
 
 # -- error translation ---------------------------------------------------------
 def translate_error(exc: BaseException, op: str, bucket: str, name: str | None = None,
-                    mode: PutMode | None = None, *, missing_bucket: bool = False) -> CloudCkptError:
+                    mode: PutMode | None = None, *, missing_bucket: bool = False,
+                    endpoint: tuple[str | None, str | None] | None = None) -> CloudCkptError:
     """Map a google-cloud-storage / google-auth / requests exception to the cloudckpt error tree.
 
     ``op`` names the operation, ``name`` the full object name (store prefix
@@ -135,6 +140,9 @@ def translate_error(exc: BaseException, op: str, bucket: str, name: str | None =
     URLs (resumable session URLs are bearer capabilities).
     """
     what = f"{op} gs://{bucket}/{name or ''}"
+    if _refused(exc):
+        url, setting = endpoint or (None, None)
+        return EndpointUnreachable(unreachable_message(what, url, setting, "connection refused or host unknown"))
     if isinstance(exc, DataCorruption):
         return TransientError(f"{what}: CRC32C mismatch in transfer; a re-read may succeed")
     status = _http_status(exc)
@@ -151,6 +159,21 @@ def translate_error(exc: BaseException, op: str, bucket: str, name: str | None =
     if status in _TRANSIENT_STATUSES:
         return TransientError(f"{what} failed {detail}; GCS reports a temporary condition, retry with backoff")
     return CloudCkptError(f"{what} failed {detail}")
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether no connection could be made at all (refused, or the host name does not resolve)."""
+    seen: list[object] = [exc]
+    for _ in range(8):
+        if not seen:
+            return False
+        current = seen.pop()
+        if isinstance(current, (urllib3.exceptions.NewConnectionError, ConnectionRefusedError, socket.gaierror)):
+            return True
+        if isinstance(current, BaseException):
+            seen.extend(a for a in current.args if isinstance(a, BaseException))
+            seen.extend(x for x in (getattr(current, "reason", None), current.__cause__) if x is not None)
+    return False
 
 
 def _http_status(exc: BaseException) -> int | None:
@@ -310,6 +333,7 @@ class GCSStorage(Storage):
                 client = _make_client(project, endpoint_url, credentials)
         self._client = client
         self._bucket = client.bucket(bucket)
+        self.endpoint, self.endpoint_setting = gcs_endpoint(client, endpoint_url, self._owns_client)
 
     # -- helpers ---------------------------------------------------------------
     def _name(self, key: str) -> str:
@@ -326,7 +350,9 @@ class GCSStorage(Storage):
         try:
             yield
         except _SDK_ERRORS as exc:
-            raise translate_error(exc, op, self.bucket, name, mode, missing_bucket=missing_bucket) from exc
+            raise translate_error(exc, op, self.bucket, name, mode, missing_bucket=missing_bucket,
+                                  endpoint=(getattr(self, "endpoint", None), getattr(self, "endpoint_setting", None))
+                                  ) from exc
 
     def _upload(self, name: str, data: Buffer, mode: PutMode) -> storage.Blob:
         """Upload simply or resumably by size, with CRC32C, enforcing ``mode``.

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import tenacity
 
-from ..errors import AlreadyExists, NotFound, PreconditionFailed, TransientError
+from ..errors import AlreadyExists, EndpointUnreachable, NotFound, PreconditionFailed, TransientError
 from .base import Buffer, MultipartUpload, ObjectInfo, PendingUpload, PutMode, Storage
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,8 @@ class RetryPolicy:
     """
 
     max_attempts: int = 8
+    #: Attempts when nothing accepts connections at the endpoint (EndpointUnreachable).
+    unreachable_attempts: int = 3
     initial_backoff: float = 0.2
     max_backoff: float = 10.0
     deadline: float = 300.0
@@ -37,21 +39,34 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.unreachable_attempts < 1:
+            raise ValueError(f"unreachable_attempts must be >= 1, got {self.unreachable_attempts}")
+
+    def _stop(self, state: tenacity.RetryCallState) -> bool:
+        if state.attempt_number >= self.max_attempts or state.seconds_since_start >= self.deadline:
+            return True
+        failure = state.outcome.exception() if state.outcome is not None else None
+        return isinstance(failure, EndpointUnreachable) and state.attempt_number >= self.unreachable_attempts
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn``, retrying it on TransientError; ``what`` names the call in logs."""
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.max_attempts) | tenacity.stop_after_delay(self.deadline),
+            stop=self._stop,
             wait=tenacity.wait_random_exponential(multiplier=self.initial_backoff, max=self.max_backoff),
             retry=tenacity.retry_if_exception_type(TransientError),
             sleep=self.sleep,
             reraise=True,
             before_sleep=lambda state: log.warning(
                 "%s failed (attempt %d/%d), retrying: %s",
-                what, state.attempt_number, self.max_attempts, state.outcome.exception(),
+                what, state.attempt_number, self._budget(state), state.outcome.exception(),
             ),
         )
         return retrying(fn)
+
+    def _budget(self, state: tenacity.RetryCallState) -> int:
+        failure = state.outcome.exception() if state.outcome is not None else None
+        unreachable = isinstance(failure, EndpointUnreachable)
+        return min(self.max_attempts, self.unreachable_attempts) if unreachable else self.max_attempts
 
 
 class RetryingStorage(Storage):
@@ -120,7 +135,8 @@ class RetryingStorage(Storage):
         return self._call(f"head {key!r}", lambda: self.inner.head(key))
 
     def list(self, prefix: str = "", *, recursive: bool = True) -> list[ObjectInfo]:
-        return self._call(f"list {prefix!r}", lambda: self.inner.list(prefix, recursive=recursive))
+        what = f"list of {prefix!r}" if prefix else "list of the root"
+        return self._call(what, lambda: self.inner.list(prefix, recursive=recursive))
 
     def delete(self, keys: Iterable[str]) -> None:
         keys = list(keys)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import boto3
+import urllib3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
@@ -51,6 +52,7 @@ from .base import (
     check_prefix,
     check_range,
 )
+from .endpoints import s3_endpoint
 from .lifecycle import EXPIRED_TAG_KEY, EXPIRED_TAG_VALUE
 from .s3_checksums import full_object_crc32c, reported_crc32c
 from .s3_errors import Call, error_for_code, precondition_error, translate_error
@@ -176,6 +178,7 @@ class S3Storage(Storage):
             with self._translated("connect to", None):
                 client = _make_client(endpoint_url, region, profile, max_pool_connections)
         self._client = client
+        self.endpoint, self.endpoint_setting = s3_endpoint(client, endpoint_url, region, self._owns_client)
 
     # -- helpers ---------------------------------------------------------------
     def _full(self, key: str) -> str:
@@ -186,8 +189,9 @@ class S3Storage(Storage):
         """Re-raise SDK errors from the block as cloudckpt errors, chained to the original."""
         try:
             yield
-        except (ClientError, BotoCoreError) as exc:
-            raise translate_error(exc, op, self.bucket, full_key, mode) from exc
+        except (ClientError, BotoCoreError, urllib3.exceptions.HTTPError) as exc:
+            raise translate_error(exc, op, self.bucket, full_key, mode,
+                                  (getattr(self, "endpoint", None), getattr(self, "endpoint_setting", None))) from exc
 
     # -- Storage ---------------------------------------------------------------
     def put(self, key: str, data: Buffer, mode: PutMode = "overwrite") -> ObjectInfo:

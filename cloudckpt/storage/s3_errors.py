@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import urllib3
+
 from botocore.exceptions import (
     ClientError,
     ConnectionClosedError,
@@ -27,16 +29,21 @@ from botocore.exceptions import (
 from ..errors import (
     AlreadyExists,
     CloudCkptError,
+    EndpointUnreachable,
     NotFound,
     PermissionDenied,
     PreconditionFailed,
     TransientError,
 )
 from .base import IfMatch, PutMode
+from .endpoints import unreachable_message
 
 __all__ = ["Call", "error_for_code", "precondition_error", "translate_error"]
 
 _NETWORK_ERRORS = (
+    # botocore reads the body of a non-streaming answer (an error, a listing) itself, and lets
+    # urllib3's exception through when the connection breaks in the middle of it.
+    urllib3.exceptions.HTTPError,
     EndpointConnectionError,
     ConnectionClosedError,
     ReadTimeoutError,
@@ -81,14 +88,18 @@ class Call:
 
 
 def translate_error(exc: BaseException, op: str, bucket: str, key: str | None = None,
-                    mode: PutMode | None = None) -> CloudCkptError:
+                    mode: PutMode | None = None, endpoint: tuple[str, str] | None = None) -> CloudCkptError:
     """Map a boto3/botocore exception to the cloudckpt error tree.
 
     ``op`` names the operation, ``key`` the full object key (with the store
     prefix), and ``mode`` the write mode of a conditional write, which decides
-    whether an HTTP 412 means AlreadyExists or PreconditionFailed.
+    whether an HTTP 412 means AlreadyExists or PreconditionFailed.  ``endpoint`` is
+    (URL, the setting that chose it), named when nothing answers there.
     """
     call = Call(op, bucket, key, mode)
+    if isinstance(exc, EndpointConnectionError):  # refused, or the host name does not resolve
+        url, setting = endpoint or (None, None)
+        return EndpointUnreachable(unreachable_message(f"{op} {call.target}", url, setting, type(exc).__name__))
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")

@@ -38,6 +38,8 @@ from cloudckpt.storage import open_storage
 
 KEY_ID = "AKIACLOUDCKPTMARKER7"
 SECRET = "cloudckptSECRETmarker0123456789abcdefXYZ"
+#: A temporary credential's session token: botocore sends it as X-Amz-Security-Token.
+TOKEN = "IQoJcloudckptSESSIONtokenMARKER0123456789abcdef"
 SIGNATURE_PATTERNS = ("X-Amz-Signature", "Signature=", "Credential=", "X-Amz-Credential")
 REPO = Path(__file__).resolve().parents[2]
 KiB = 1024
@@ -46,7 +48,7 @@ KiB = 1024
 def _leaks(text: str) -> list[str]:
     """Marker credentials, or a signature / credential label followed by a value (not by the
     CLI's ``<redacted>``)."""
-    found = [m for m in (KEY_ID, SECRET) if m in text]
+    found = [m for m in (KEY_ID, SECRET, TOKEN) if m in text]
     return found + [m for m in SIGNATURE_PATTERNS if re.search(re.escape(m) + r"(?!=?<redacted>)", text)]
 
 
@@ -55,7 +57,7 @@ def marked_credentials(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", TOKEN)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
 
 
@@ -143,7 +145,8 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 def _cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION="us-east-1",
+    env.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET, AWS_SESSION_TOKEN=TOKEN,
+               AWS_DEFAULT_REGION="us-east-1",
                PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
     return env
 
@@ -154,7 +157,7 @@ def cli_runs(moto_s3):
     processes (in parallel, as each imports torch): a command refused with 403 SignatureDoesNotMatch,
     and one at -vv (the SDKs' DEBUG logs on)."""
     saved = dict(os.environ)
-    os.environ.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET)
+    os.environ.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET, AWS_SESSION_TOKEN=TOKEN)
     try:
         bucket = moto_s3.new_bucket()
         mgr = _manager(f"s3://{bucket}/run", moto_s3.endpoint_url)
@@ -222,3 +225,38 @@ def test_no_credentials_in_cli_debug_output(cli_runs):
     out, err, code = processes["ls -vv"]
     assert code == 0, err
     assert not _leaks(out + err), _leaks(out + err)
+
+
+#: What the SDKs log at DEBUG, one line per credential-bearing form (botocore request headers and
+#: presigned URLs, google-auth token exchanges and service-account files, a GCS signed URL).
+SDK_DEBUG_LINES = [
+    "Sending http request: <AWSPreparedRequest stream_output=False, method=GET, headers={'X-Amz-Date': "
+    "b'20261207T140000Z', 'X-Amz-Security-Token': b'IQoJMARKER1//wEaCXVz', 'Authorization': "
+    "b'AWS4-HMAC-SHA256 Credential=ASIAMARKER2ABCDEFGH/20261207/us-east-1/s3/aws4_request, "
+    "SignedHeaders=host;x-amz-date, Signature=MARKER3abcdef0123'}>",
+    "https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAMARKER4ABCDEFGH%2F2026"
+    "&X-Amz-Security-Token=IQoJMARKER5%2Fabc&X-Amz-Signature=MARKER6deadbeef",
+    "https://b.s3.amazonaws.com/k?AWSAccessKeyId=AKIAMARKER7ABCDEFGH&Signature=MARKER8%2Bx&Expires=1",
+    "x-amz-security-token: IQoJMARKER9",
+    "Authorization: Bearer ya29.MARKER10-xyz",
+    "{'Authorization': 'Bearer ya29.MARKER11', 'User-Agent': 'gcloud-python'}",
+    '{"access_token": "ya29.MARKER12", "expires_in": 3599, "refresh_token": "1//MARKER13", '
+    '"id_token": "eyJ.MARKER14.sig"}',
+    "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion=eyJhbGci.MARKER15.sig",
+    "grant_type=refresh_token&client_id=1.apps&client_secret=GOCSPX-MARKER16&refresh_token=1//MARKER17",
+    '{"type": "service_account", "private_key": "-----BEGIN PRIVATE KEY-----\\nMIIEvMARKER18\\n-----END '
+    'PRIVATE KEY-----\\n", "client_email": "sa@p.iam.gserviceaccount.com"}',
+    "https://storage.googleapis.com/b/o?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Credential=sa%40p%2FMARKER19"
+    "&X-Goog-Signature=MARKER20abcdef",
+]
+
+
+def test_redaction_covers_every_credential_of_both_sdks():
+    from cloudckpt.cli.redact import redact
+
+    leaks = [(line, redact(line)) for line in SDK_DEBUG_LINES if "MARKER" in redact(line)]
+    assert not leaks, leaks
+    assert all(redact(line) != line for line in SDK_DEBUG_LINES)
+    harmless = ("check the credentials in use (AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "AWS_SESSION_TOKEN) SignatureDoesNotMatch; no usable credentials")
+    assert redact(harmless) == harmless

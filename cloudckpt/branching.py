@@ -31,6 +31,7 @@ from .errors import (
     CheckpointExists,
     CorruptCheckpoint,
     FormatVersionError,
+    LostRace,
     NotFound,
     TimelineSuperseded,
 )
@@ -151,6 +152,8 @@ def commit(store: Storage, manifest: Manifest) -> tuple[Manifest, str | None]:
     for _ in range(4):
         try:
             return manifest, commit_manifest(store, manifest).token
+        except LostRace:
+            raise  # single-writer mode: another writer replaced our manifest; nothing to settle
         except AlreadyExists:
             existing = _taken_by(store, manifest.name)
         if existing is None:

@@ -24,6 +24,11 @@ class CheckpointExists(AlreadyExists):
     """A save found its name already committed on the live timeline with a different state."""
 
 
+class LostRace(AlreadyExists):
+    """On a store that ignores create-only writes (single-writer mode), another writer replaced the
+    manifest this save had just committed: the save is lost and the other checkpoint stands."""
+
+
 class TimelineSuperseded(CloudCkptError):
     """This writer's timeline was abandoned (a rollback, or a restore and save elsewhere): its
     saves could never become ``latest``, so they are refused."""

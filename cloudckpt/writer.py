@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import single_writer
-from .errors import AlreadyExists, CorruptCheckpoint
+from .errors import AlreadyExists, CorruptCheckpoint, LostRace
 from .format.dtypes import record_of, tensor_bytes
 from .format.manifest import ChunkRef, Manifest, TensorEntry, chunk_key
 from .format.compression import compress
@@ -167,7 +167,7 @@ def commit_manifest(store: Storage, manifest: Manifest) -> ObjectInfo:
             "it was kept as it is. Save under another name or step."
         ) from exc
     if not single_writer.confirmed(store, manifest.name, data, "This save is lost; the other checkpoint stands."):
-        raise AlreadyExists(
+        raise LostRace(
             f"{store.url}/{manifest.name}: another writer committed a checkpoint of that name at the same "
             "moment and replaced this one (the store ignores create-only writes). Only one process may "
             "write to this root."

@@ -298,6 +298,13 @@ class CheckpointManager:
         if not isinstance(saved_tree, dict):
             raise CorruptCheckpoint(f"{self.store.url}/{manifest.name}: state tree is not an object")
         where = f"{self.store.url}/{manifest.name}"
+        if manifest.parts is not None:  # saved by DistributedCheckpointManager: read whole
+            from .sharding.whole import load_whole_state
+
+            whole = load_whole_state(self.store, manifest, self.transfer, keys=set(keys or state),
+                                     allow_pickle=self.allow_pickle, map_location=map_location)
+            apply_state(state, {k: whole[k] for k in select(state, keys, whole, where)})
+            return
         chosen = select(state, keys, saved_tree, where)
         restore_rng = self.capture_rng and keys is None and RNG_KEY in saved_tree
         wanted_keys = set(chosen) | ({RNG_KEY} if restore_rng else set())
@@ -338,6 +345,11 @@ class CheckpointManager:
     def _load_manifest(self, manifest: Manifest, map_location: str | torch.device | None) -> dict[str, Any]:
         if not isinstance(manifest.state, dict):
             raise CorruptCheckpoint(f"{self.store.url}/{manifest.name}: state tree is not an object")
+        if manifest.parts is not None:  # saved by DistributedCheckpointManager: read whole
+            from .sharding.whole import load_whole_state
+
+            return load_whole_state(self.store, manifest, self.transfer, allow_pickle=self.allow_pickle,
+                                    map_location=map_location)
         tensors, _ = read_tensors(self.store, manifest, {}, self.transfer)
         if map_location is not None:
             tensors = {i: t.to(map_location) for i, t in tensors.items()}
@@ -396,7 +408,7 @@ class CheckpointManager:
                     f"{self.store.url}/{name} cannot be read ({exc}); its chunks cannot be told apart "
                     "from garbage, so nothing is deleted until it is repaired or removed"
                 ) from exc
-        return referenced_chunks(manifests)
+        return referenced_chunks(manifests, self.store)
 
     def delete(self, name: str) -> None:
         """Remove one checkpoint now: its manifest goes (the checkpoint ceases to exist); its chunks

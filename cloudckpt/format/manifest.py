@@ -22,11 +22,12 @@ from typing import Any, Callable
 from ..errors import CorruptCheckpoint, FormatVersionError
 from ..storage.lifecycle import CHUNK_PREFIX
 from .dtypes import TENSOR_DTYPES
+from .parts import PartRef, decode_part_refs, encode_part_refs
 from .serialize import Segment
 
 FORMAT_NAME = "cloudckpt"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_SUFFIX = ".ckpt"
 REASONS = ("periodic", "best", "manual", "exception", "preemption", "final")
 COMPRESSIONS = ("none", "zstd")
@@ -95,11 +96,12 @@ class Manifest:
     config: dict[str, Any] = field(default_factory=dict)
     pickled: bool = False
     format_version: int = FORMAT_VERSION
+    parts: list[PartRef] | None = None  # a distributed checkpoint's per-rank parts (format/parts.py)
 
     @property
     def nbytes(self) -> int:
         """Bytes of tensor data the checkpoint holds (before compression)."""
-        return sum(t.nbytes for t in self.tensors)
+        return sum(t.nbytes for t in self.tensors) + sum(p.nbytes for p in self.parts or ())
 
     @property
     def stored_bytes(self) -> int:
@@ -139,6 +141,8 @@ class Manifest:
             ],
             "state": self.state,
         }
+        if self.parts is not None:
+            body["parts"] = encode_part_refs(self.parts)
         body["manifest_sha256"] = canonical_sha256(body)
         return body
 
@@ -203,6 +207,12 @@ def _v1_to_v2(body: dict[str, Any]) -> dict[str, Any]:
     ]
     body["format_version"] = 2
     return body
+
+
+@migration(2)
+def _v2_to_v3(body: dict[str, Any]) -> dict[str, Any]:
+    """v3 only adds optional fields (``parts``); a v2 manifest is a v3 one without them."""
+    return {**body, "format_version": 3}
 
 
 def parse_manifest(data: bytes, where: str) -> Manifest:
@@ -286,6 +296,7 @@ def _validate(body: dict[str, Any], where: str) -> Manifest:
         host=str(body.get("host", "")),
         config=v.dict(body, "config"),
         pickled=pickled,
+        parts=decode_part_refs(body.get("parts"), where),
     )
 
 

@@ -155,11 +155,22 @@ def _has_state_dict(obj: Any) -> bool:
 
 
 def _view_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
-    pointer = tensor.untyped_storage().data_ptr()
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except RuntimeError:  # a wrapper subclass without storage of its own: never tied
+        return None
     if pointer == 0:  # no memory (empty or meta): nothing to tie
         return None
     return (pointer, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device,
             tensor.is_conj(), tensor.is_neg())
+
+
+def _is_dtensor(obj: Any) -> bool:
+    if type(obj) is torch.Tensor or not isinstance(obj, torch.Tensor) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(obj, DTensor)
 
 
 class _Flattener:
@@ -181,6 +192,11 @@ class _Flattener:
         return self._leaf(obj, path)
 
     def _leaf(self, obj: Any, path: str) -> Json:
+        if _is_dtensor(obj):
+            raise UnsupportedValue(
+                f"{path}: a DTensor (sharded across ranks: FSDP2, tensor parallel) cannot be saved by one "
+                "process; save it with cloudckpt.distributed.DistributedCheckpointManager on every rank "
+                "(which reshards through torch.distributed.checkpoint), or gather it with .full_tensor() first")
         if isinstance(obj, torch.Tensor) and is_storable(obj):
             return {"__tensor__": self._add(obj)}
         if type(obj) is np.ndarray and obj.dtype.name in _NUMPY_DTYPES and obj.dtype.name in TENSOR_DTYPES:

@@ -367,7 +367,12 @@ class CheckpointManager:
         if not candidates:
             raise NotFound(f"{self.store.url}: no checkpoint to verify")
         self.catalog.forget({candidates[0]})
-        return verify_chunks(self.store, self.catalog.manifest(candidates[0]), self.transfer)
+        manifest = self.catalog.manifest(candidates[0])
+        if manifest.parts is not None:  # saved by DistributedCheckpointManager: the chunks its parts list
+            from .sharding.whole import with_part_chunks
+
+            manifest = with_part_chunks(self.store, manifest)
+        return verify_chunks(self.store, manifest, self.transfer)
 
     # -- retention -------------------------------------------------------------
     def prune(self, *, dry_run: bool = False) -> SweepReport:

@@ -9,6 +9,7 @@ per-rank entries as a list, index = rank, under :data:`RANKS_KEY`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from ..format.serialize import StateDict, unflatten
 from ..storage import Storage
 from ..transfer import TransferConfig
 from .load import load_whole
+from .part import PartSource
 
 #: The per-rank states of a distributed checkpoint read whole (a list, index = rank).
 RANKS_KEY = "cloudckpt_ranks"
@@ -59,3 +61,11 @@ def _to(value: Any, device: str | torch.device) -> Any:
     if isinstance(value, list):
         return [_to(v, device) for v in value]
     return value
+
+
+def with_part_chunks(store: Storage, manifest: Manifest) -> Manifest:
+    """``manifest`` with every chunk its parts list (to verify them all)."""
+    chunks = {c.key: c for c in manifest.chunks}
+    for part in PartSource(store, manifest).fetch(range(len(manifest.parts or ()))):
+        chunks.update((c.key, c) for c in part.chunks)
+    return replace(manifest, chunks=list(chunks.values()))

@@ -56,11 +56,10 @@ import torch.distributed as dist
 
 from . import __version__
 from .errors import CloudCkptError, CorruptCheckpoint, FormatVersionError, NotFound
-from .format.manifest import ChunkRef, Manifest, check_manifest_name
+from .format.manifest import ChunkRef, Manifest, check_manifest_name, parse_manifest
 from .format.parts import PartRef
 from .manager import CheckpointInfo, CheckpointManager, metric_value
 from .pointers import is_pointer_key
-from .reader import load_manifest
 from .sharding.load import load_into
 from .sharding.part import PartRequest, PartSource, write_part
 from .sharding.planners import JsonSavePlanner, owned_items
@@ -366,8 +365,9 @@ class DistributedCheckpointManager:
         tried: dict[int, str] = {}
         for name in candidates:
             info, local_error = None, None
+            shared = self._broadcast(self._read_shared(name) if self.rank == 0 else None)
             try:
-                info = self._restore_one(name, state, map_location, keys)
+                info = self._restore_one(name, shared, state, map_location, keys)
             except BaseException as exc:  # noqa: BLE001
                 local_error = exc
             report = None if local_error is None else (f"{type(local_error).__name__}: {local_error}",
@@ -389,9 +389,24 @@ class DistributedCheckpointManager:
             tried.update({r: f"{name}: {m}" for r, m in failures.items() if r not in tried})
         raise DistributedCheckpointError(f"{self.store.url}: no checkpoint could be restored on every rank", tried)
 
-    def _restore_one(self, name: str, state: MutableMapping[str, Any], map_location: Any,
-                     keys: list[str] | None) -> CheckpointInfo:
-        manifest = load_manifest(self.store, name)
+    def _read_shared(self, name: str) -> tuple[bytes, bytes | None] | BaseException:
+        """Rank 0 reads what every rank needs, the manifest and part 0 (which holds the plain values),
+        and broadcasts it: N ranks restoring do not send N GETs to the same two keys."""
+        try:
+            data = self.store.get(name)
+            manifest = parse_manifest(data, f"{self.store.url}/{name}")
+            first = manifest.parts[0].key(name) if manifest.parts else None
+            return data, None if first is None else self.store.get(first)
+        except Exception as exc:  # noqa: BLE001 (raised on every rank by _restore_one)
+            return exc
+
+    def _restore_one(self, name: str, shared: tuple[bytes, bytes | None] | BaseException,
+                     state: MutableMapping[str, Any], map_location: Any, keys: list[str] | None) -> CheckpointInfo:
+        if isinstance(shared, BaseException):
+            raise shared
+        manifest = parse_manifest(shared[0], f"{self.store.url}/{name}")
+        if manifest.name != name:
+            raise CorruptCheckpoint(f"{self.store.url}/{name}: the manifest calls itself {manifest.name!r}")
         if manifest.parts is None:
             return self._restore_legacy(manifest, state, map_location, keys)
         where = f"{self.store.url}/{name}"
@@ -405,6 +420,7 @@ class DistributedCheckpointManager:
             raise KeyError(f"{where} holds no entries {unknown}; it holds {sorted(saved_resharded)} (resharded) "
                            f"and {sorted(saved_per_rank)} (per rank)")
         source = PartSource(self.store, manifest, self.transfer.concurrency)
+        source.add(0, shared[1] or b"")
         per_rank = [k for k in chosen if k in saved_per_rank]
         same_world = source.world_size == self.world_size
         if per_rank and not same_world:

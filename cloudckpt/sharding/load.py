@@ -33,7 +33,7 @@ from ..reader import read_tensors
 from ..storage import Storage
 from ..transfer import TransferConfig
 from .part import PartSource, empty_like_metadata, merge_metadata
-from .planners import JsonLoadPlanner, dtensor_writer, owner_rank
+from .planners import JsonLoadPlanner, dtensor_writer, writer_of_replicated
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ def likely_parts(state_dict: dict[str, Any], world_size: int, saved_world_size: 
             writer = dtensor_writer(value)
             if writer is not None:
                 wanted.add(writer % saved_world_size)
-        elif isinstance(value, torch.Tensor):
-            wanted.add(owner_rank(fqn, saved_world_size))
+        else:
+            wanted.add(writer_of_replicated(fqn, value, saved_world_size))
     return wanted
 
 

@@ -191,15 +191,24 @@ class PartSource:
                     self.cache[part.rank] = part
         return [self.cache[r] for r in sorted(set(ranks))]
 
+    def add(self, rank: int, data: bytes) -> RankPart:
+        """A part read elsewhere (rank 0 reads part 0 for everyone): verified and parsed like a fetched one."""
+        part = self.cache[rank] = self._parse(rank, data)
+        return part
+
     def _get(self, rank: int) -> RankPart:
-        ref = self.refs[rank]
-        key = ref.key(self.manifest.name)
-        where = f"{self.store.url}/{key}"
+        key = self.refs[rank].key(self.manifest.name)
         try:
             data = self.store.get(key)
         except NotFound as exc:
-            raise CorruptCheckpoint(f"{where}: part of rank {rank} is missing (listed by {self.manifest.name})") from exc
+            raise CorruptCheckpoint(f"{self.store.url}/{key}: part of rank {rank} is missing (listed by "
+                                    f"{self.manifest.name})") from exc
         self.requests += 1
+        return self._parse(rank, data)
+
+    def _parse(self, rank: int, data: bytes) -> RankPart:
+        ref = self.refs[rank]
+        where = f"{self.store.url}/{ref.key(self.manifest.name)}"
         if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
             raise CorruptCheckpoint(f"{where}: part does not match the SHA-256 and size its manifest records")
         return decode_part(data, where, self.manifest.name, rank)

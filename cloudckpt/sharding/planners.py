@@ -9,9 +9,10 @@ and load it back without running code.
 DCP also decides which rank writes a replicated item by gathering every rank's
 plan to one coordinator.  :func:`owned_items` decides locally instead, the same
 way on every rank: a shard of a DTensor is written by the rank at coordinate 0
-of every mesh dimension it is replicated over; a plain value (JSON, small) by
-rank 0, so that a reader finds all of them in one part; a replicated tensor by
-``crc32(fqn) % world_size``, which spreads replicated tensors over the ranks.
+of every mesh dimension it is replicated over; a plain value or a replicated
+tensor under 1 MiB (an optimizer's step counter) by rank 0, so that a reader
+finds all of them in one part; a larger replicated tensor (a DDP model's
+weights) by ``crc32(fqn) % world_size``, which spreads the writing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import zlib
 from typing import Any
 
+import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.planner import ReadItem, WriteItem, WriteItemType
 from torch.distributed.tensor import DTensor
@@ -31,6 +33,10 @@ except ImportError:  # pragma: no cover
     from torch.distributed.checkpoint.utils import set_element  # type: ignore[no-redef]
 
 from ..errors import CorruptCheckpoint
+
+#: Replicated tensors this large are spread over the ranks (by name); smaller ones, and plain values, go
+#: to rank 0, whose part every reader fetches anyway.
+SPREAD_BYTES = 1 << 20
 from ..format.serialize import UnsupportedValue, flatten, unflatten
 
 
@@ -77,6 +83,13 @@ def owner_rank(fqn: str, world_size: int) -> int:
     return zlib.crc32(fqn.encode("utf-8")) % world_size
 
 
+def writer_of_replicated(fqn: str, value: Any, world_size: int) -> int:
+    """Rank 0 for a plain value or a small tensor (every reader fetches part 0 anyway), else a rank by name."""
+    if isinstance(value, torch.Tensor) and value.numel() * value.element_size() >= SPREAD_BYTES:
+        return owner_rank(fqn, world_size)
+    return 0
+
+
 def dtensor_writer(value: DTensor) -> int | None:
     """The global rank that writes this rank's shard of ``value``: same shard coordinates, 0 on replicated dims."""
     coordinate = value.device_mesh.get_coordinate()
@@ -96,9 +109,6 @@ def owned_items(items: list[WriteItem], flat_state: dict[str, Any], rank: int, w
         if isinstance(value, DTensor):
             if dtensor_writer(value) == global_rank:
                 owned.append(item)
-        elif item.type == WriteItemType.BYTE_IO:
-            if rank == 0:
-                owned.append(item)
-        elif owner_rank(item.index.fqn, world_size) == rank:
+        elif writer_of_replicated(item.index.fqn, value, world_size) == rank:
             owned.append(item)
     return owned

@@ -78,6 +78,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _FALLBACK = (CorruptCheckpoint, FormatVersionError, NotFound)
+_STAT_FIELDS = tuple(f.name for f in dataclasses.fields(WriteStats))
 
 
 class DistributedCheckpointError(CloudCkptError):
@@ -113,6 +114,18 @@ class _RankDigest:
     stats: WriteStats = field(default_factory=WriteStats)
     resharded: dict[str, str] = field(default_factory=dict)  # rank 0's only: key -> kind
     per_rank: list[str] = field(default_factory=list)
+
+    def wire(self) -> tuple[Any, ...]:
+        """Plain tuples: what crosses the gather (cheap to pickle and unpickle by the thousand)."""
+        part = None if self.part is None else (self.part.sha256, self.part.size, self.part.nbytes)
+        stats = tuple(getattr(self.stats, f) for f in _STAT_FIELDS)
+        return self.error, self.name, self.step, part, stats, self.resharded, self.per_rank
+
+    @classmethod
+    def from_wire(cls, rank: int, wire: tuple[Any, ...]) -> _RankDigest:
+        error, name, step, part, stats, resharded, per_rank = wire
+        return cls(error, name, step, None if part is None else PartRef(rank, *part), WriteStats(*stats),
+                   resharded, per_rank)
 
 
 @dataclass
@@ -217,13 +230,14 @@ class DistributedCheckpointManager:
         except BaseException as exc:  # noqa: BLE001 (reported to rank 0; re-raised below)
             local_error = exc
             digest = _RankDigest(error=f"{type(exc).__name__}: {exc}")
-        gathered = self._gather(digest)
+        gathered = self._gather(digest.wire())
         outcome: _Outcome | None = None
         commit_error: BaseException | None = None
         if self.rank == 0:
             assert gathered is not None
             try:
-                outcome = self._decide(gathered, epoch, metrics, reason)
+                outcome = self._decide([_RankDigest.from_wire(r, w) for r, w in enumerate(gathered)],
+                                       epoch, metrics, reason)
             except _AfterCommit as exc:
                 commit_error = exc.__cause__
                 outcome = _Outcome({0: f"pointers/retention failed: {type(commit_error).__name__}: {commit_error}"},
@@ -320,10 +334,7 @@ class DistributedCheckpointManager:
                 "resharded": first.resharded, "per_rank": first.per_rank}},
         )
         commit_manifest(self.store, manifest)
-        stats = WriteStats()
-        for u in gathered:
-            for f in dataclasses.fields(WriteStats):
-                setattr(stats, f.name, getattr(stats, f.name) + getattr(u.stats, f.name))
+        stats = WriteStats(*(sum(getattr(u.stats, f) for u in gathered) for f in _STAT_FIELDS))
         log.info("committed %s/%s from %d ranks: %d chunks uploaded, %d reused", self.store.url,
                  manifest.name, len(gathered), stats.chunks_uploaded, stats.chunks_reused)
         try:

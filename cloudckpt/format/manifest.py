@@ -149,7 +149,8 @@ class Manifest:
     def to_bytes(self) -> bytes:
         # Not sort_keys: the state tree keeps the order of the user's dicts (a module's
         # state_dict order).  The checksum is over the canonical (sorted) form regardless.
-        return json.dumps(self.to_json(), indent=1, allow_nan=False).encode()
+        indent = None if self.parts else 1  # one line per rank would make a many-rank commit slow to write
+        return json.dumps(self.to_json(), indent=indent, allow_nan=False).encode()
 
 
 def canonical_sha256(body: dict[str, Any]) -> str:

@@ -94,12 +94,23 @@ class PartRequest:
 def write_part(store: Storage, request: PartRequest, transfer: TransferConfig,
                known_chunks: Mapping[str, ChunkRef]) -> WrittenPart:
     """Upload the rank's data, then its part object (create-only); return the digest rank 0 needs."""
-    locations, stats = store_items(store, request.items, request.planner, transfer, known_chunks)
+    # Shards apart from replicated items: every reader fetches rank 0's replicated ones, so they must not
+    # share pack chunks with rank 0's shards, which only the readers of those shards need.
+    groups = ([i for i, item in enumerate(request.items) if item.type != WriteItemType.SHARD],
+              [i for i, item in enumerate(request.items) if item.type == WriteItemType.SHARD])
+    placed: dict[int, ItemLocation] = {}
+    stats = WriteStats()
+    for group in groups:
+        if group:
+            stored, group_stats = store_items(store, [request.items[i] for i in group], request.planner, transfer,
+                                              known_chunks)
+            placed.update(zip(group, stored))
+            _add_stats(stats, group_stats)
+    locations = [placed[i] for i in range(len(request.items))]
     flat = flatten(request.own_state, allow_pickle=request.allow_pickle)
     own = upload_tensors(store, [host_copy(t) for t in flat.tensors], transfer, dict(known_chunks),
                          devices=[str(t.device) for t in flat.tensors])
-    for field in ("chunks_uploaded", "chunks_reused", "bytes_uploaded", "bytes_reused"):
-        setattr(stats, field, getattr(stats, field) + getattr(own.stats, field))
+    _add_stats(stats, own.stats)
     manifest = Manifest(
         name=request.checkpoint, step=request.step, epoch=None, reason=request.reason,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z"), state=flat.tree,
@@ -123,6 +134,11 @@ def write_part(store: Storage, request: PartRequest, transfer: TransferConfig,
     chunks = {c.key: c for loc in locations for c in loc.chunks}
     chunks.update((c.key, c) for c in own.chunks)
     return WrittenPart(ref, list(chunks.values()), stats)
+
+
+def _add_stats(total: WriteStats, more: WriteStats) -> None:
+    for name in ("chunks_uploaded", "chunks_reused", "bytes_uploaded", "bytes_reused"):
+        setattr(total, name, getattr(total, name) + getattr(more, name))
 
 
 def _local_metadata(items: list[WriteItem], locations: list[ItemLocation], mappings: Mapping[str, Any]) -> Metadata:

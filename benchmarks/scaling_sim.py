@@ -169,9 +169,9 @@ def commit_at(world: int, mgr: Any, store: FaultyStorage, sample: dict[str, Any]
     _rank0_commit(mgr, payloads, step)
     seconds = time.perf_counter() - start
     calls = store.calls[before:]
-    traced = _digests(world, f"checkpoint_step_{step + 100000:08d}.ckpt", step + 100000, sample)
+    traced = _digests(world, f"checkpoint_step_{step + 1:08d}.ckpt", step + 1, sample)
     tracemalloc.start()
-    _rank0_commit(mgr, traced, step + 100000)
+    _rank0_commit(mgr, traced, step + 1)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     keys = {PartRef(r, hashlib.sha256(f"{name}/{r}".encode()).hexdigest(), 0, 0).key(name).rsplit("/", 1)[0]
@@ -187,13 +187,14 @@ def simulate(worlds: tuple[int, ...] = (64, 1024, 8192)) -> dict[str, Any]:
     from cloudckpt.distributed import DistributedCheckpointManager
 
     transfer = TransferConfig()
-    store = FaultyStorage(MemoryStorage())
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     rows, per_rank = [], []
-    for step, world in enumerate(worlds, start=1):
+    for world in worlds:
+        step = 1000
         sample0 = encode_rank_part(world, 0, f"checkpoint_step_{step:08d}.ckpt", transfer)
         sample1 = encode_rank_part(world, 1, f"checkpoint_step_{step:08d}.ckpt", transfer)
+        store = FaultyStorage(MemoryStorage())  # a fresh root per size: the same commit work each time
         mgr = DistributedCheckpointManager(store, monitor="loss", mode="min", transfer=transfer)
         row = commit_at(world, mgr, store, sample0, step)
         legacy = legacy_entry_bytes(sample1) * sample1["items"] * world

@@ -159,25 +159,33 @@ def _rank0_commit(mgr: Any, payloads: list[bytes], step: int) -> None:
     assert not outcome.failures, outcome.failures
 
 
-def commit_at(world: int, mgr: Any, store: FaultyStorage, sample: dict[str, Any], step: int) -> dict[str, Any]:
+def commit_at(world: int, mgr: Any, store: FaultyStorage, sample: dict[str, Any], step: int,
+              repeats: int = 3) -> dict[str, Any]:
     """Rank 0's side of a save at ``world`` ranks: receive the digests, commit, move pointers and the run
-    index.  Timed in one save, memory traced (tracemalloc slows it) in a second one."""
+    index.  ``repeats`` saves timed (the median is reported), memory traced (tracemalloc slows it) in
+    one more."""
     name = f"checkpoint_step_{step:08d}.ckpt"
     payloads = _digests(world, name, step, sample)
     before = len(store.calls)
     start = time.perf_counter()
     _rank0_commit(mgr, payloads, step)
-    seconds = time.perf_counter() - start
+    seconds = [time.perf_counter() - start]
     calls = store.calls[before:]
-    traced = _digests(world, f"checkpoint_step_{step + 1:08d}.ckpt", step + 1, sample)
+    for again in range(step + 1, step + 1 + repeats - 1):  # later saves of the same run, timed too
+        more = _digests(world, f"checkpoint_step_{again:08d}.ckpt", again, sample)
+        start = time.perf_counter()
+        _rank0_commit(mgr, more, again)
+        seconds.append(time.perf_counter() - start)
+    traced = _digests(world, f"checkpoint_step_{step + repeats:08d}.ckpt", step + repeats, sample)
     tracemalloc.start()
-    _rank0_commit(mgr, traced, step + 1)
+    _rank0_commit(mgr, traced, step + repeats)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     keys = {PartRef(r, hashlib.sha256(f"{name}/{r}".encode()).hexdigest(), 0, 0).key(name).rsplit("/", 1)[0]
             for r in range(world)}
     return {"ranks": world, "manifest_bytes": len(store.inner.get(name)), "gather_bytes": sum(map(len, payloads)),
-            "rank0_peak_bytes": peak, "commit_seconds": seconds, "rank0_requests": len(calls),
+            "rank0_peak_bytes": peak, "commit_seconds": sorted(seconds)[len(seconds) // 2],
+            "commit_seconds_all": seconds, "rank0_requests": len(calls),
             "rank0_requests_by_verb": dict(Counter(v for v, _ in calls)), "part_prefixes": len(keys)}
 
 

@@ -19,7 +19,7 @@ How a save goes (all ranks call it together):
    shards; a share of the replicated entries, chosen by name, the same way on
    every rank: no gather), uploads them as content-addressed chunks, then
    writes its *part* (what it stored, where) create-only under
-   ``parts/<checkpoint>/`` (:mod:`cloudckpt.format.parts`).
+   ``parts/<hh>/<checkpoint>/`` (:mod:`cloudckpt.format.parts`).
 2. The ranks gather one small digest each to rank 0: the part's SHA-256, size
    and tensor bytes, or the rank's error.  A rank that fails still takes part.
 3. Rank 0 commits one manifest that lists the parts (create-only) only if every

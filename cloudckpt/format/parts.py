@@ -9,10 +9,13 @@ a manifest whose ``parts`` field lists, for each rank in rank order, only
 bytes it describes.  So the manifest and the gather to rank 0 grow by one small
 row per rank, never by tensors.
 
-Keys spread over 256 prefixes (``parts/<name>/<hh>/``, ``hh`` the first two hex
-digits of the hash), so that thousands of ranks writing at once do not all hit
-one S3 prefix.  A part is verified against the manifest's SHA-256 before it is
-parsed.
+Keys start with the first two hex digits of the hash (``parts/<hh>/<name>/``),
+like chunks (``chunks/<hh>/``): thousands of ranks writing at once spread over
+256 prefixes that stay the same from one checkpoint to the next, so S3's
+partitions for them, once split, keep serving every later save.  (Keys that
+began with the checkpoint's name would put each new save at the end of the
+key space, on a cold prefix: the sequential-key pattern S3 throttles.)  A part
+is verified against the manifest's SHA-256 before it is parsed.
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ class PartRef:
 
 
 def part_key(checkpoint: str, rank: int, sha256: str) -> str:
-    """``parts/<checkpoint name>/<sha256[:2]>/r<rank>-<sha256>.json``."""
-    return f"{PARTS_PREFIX}{checkpoint}/{sha256[:2]}/r{rank:05d}-{sha256}.json"
+    """``parts/<sha256[:2]>/<checkpoint name>/r<rank>-<sha256>.json``."""
+    return f"{PARTS_PREFIX}{sha256[:2]}/{checkpoint}/r{rank:05d}-{sha256}.json"
 
 
 def encode_part_refs(parts: list[PartRef]) -> list[list[Any]]:

@@ -7,7 +7,7 @@ A part is one JSON object (``format: "cloudckpt-part"``, version 1)::
                       # owns, the replicated values assigned to it, their chunks and segments
      "own": {...}}    # a manifest body (same checks) with this rank's per-rank state: RNG, ...
 
-It is stored at ``parts/<NAME>/<hh>/r<R>-<sha256>.json`` (format/parts.py) and
+It is stored at ``parts/<hh>/<NAME>/r<R>-<sha256>.json`` (format/parts.py) and
 the committed manifest carries its SHA-256 and size, which a reader checks
 before parsing it.
 """

@@ -137,7 +137,7 @@ def test_one_rank_roundtrip_and_manifest_layout(one_rank):
     assert manifest.format_version == 3 and manifest.tensors == [] and len(manifest.parts) == 1
     part_keys = [o.key for o in store.list("parts/")]
     assert part_keys == [manifest.parts[0].key(info.name)]
-    assert part_keys[0].startswith(f"parts/{info.name}/{manifest.parts[0].sha256[:2]}/r00000-")
+    assert part_keys[0].startswith(f"parts/{manifest.parts[0].sha256[:2]}/{info.name}/r00000-")
     target = {"model": torch.nn.Linear(16, 8), "extra": {}}
     assert mgr.restore(target).step == 3
     assert torch.equal(target["model"].weight, model.weight)

@@ -43,19 +43,32 @@ class StateNotInCheckpoint(CorruptCheckpoint):
 
 
 def likely_parts(state_dict: dict[str, Any], world_size: int, saved_world_size: int, rank: int) -> set[int]:
-    """The parts a rank needs if the checkpoint was saved with its own layout."""
-    if world_size != saved_world_size:
-        return set(range(saved_world_size))
+    """The parts a rank probably needs: part 0 (plain values, small replicated tensors), the writers of the
+    large replicated tensors it loads, and for each DTensor shard the saved ranks whose shards overlap it.
+    At the saving world size and mesh that is the rank that wrote the same shard; at another one, the
+    guess assumes FSDP's layout (dim 0 split as ``torch.chunk`` does over the saving ranks).  The plan's
+    coverage check catches a wrong guess."""
     flat, _ = flatten_state_dict(state_dict)
-    wanted = {0, rank}  # part 0 holds every plain value
+    wanted = {0, rank % saved_world_size}
     for fqn, value in flat.items():
-        if isinstance(value, DTensor):
+        if not isinstance(value, DTensor):
+            wanted.add(writer_of_replicated(fqn, value, saved_world_size))
+        elif world_size == saved_world_size:
             writer = dtensor_writer(value)
             if writer is not None:
                 wanted.add(writer % saved_world_size)
         else:
-            wanted.add(writer_of_replicated(fqn, value, saved_world_size))
+            wanted.update(_dim0_overlaps(value, saved_world_size))
     return wanted
+
+
+def _dim0_overlaps(value: DTensor, saved_world_size: int) -> range:
+    chunks = value.__create_chunk_list__()
+    if value.dim() == 0 or not chunks or value.shape[0] == 0:
+        return range(0)
+    start, length = chunks[0].offsets[0], chunks[0].sizes[0]
+    per = math.ceil(value.shape[0] / saved_world_size)
+    return range(start // per, min(saved_world_size, math.ceil((start + length) / per)))
 
 
 def load_into(store: Storage, source: PartSource, state_dict: dict[str, Any], *, rank: int, world_size: int,

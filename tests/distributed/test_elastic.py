@@ -101,6 +101,7 @@ def test_restore_at_three_ranks_reshards_and_resumes_from_the_newest_complete(el
         assert result["progress"] == {"step": 4, "seen": [16]}
         assert result["saved"] == 5 and result["latest"] == 5
     assert len({r["trained"] for r in runs["at_3"]}) == 1
+    assert sorted(r["parts_read"] for r in runs["at_3"]) == [2, 3, 3]  # the overlapping parts, not all 4
 
 
 def test_restore_at_two_ranks(elastic):

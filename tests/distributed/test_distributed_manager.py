@@ -6,6 +6,8 @@ one-rank gloo group, which exercises the same code paths quickly.
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -216,3 +218,45 @@ def test_dtensor_state(one_rank):
     assert torch.equal(target["w"].full_tensor(), torch.arange(12.0).reshape(4, 3))
     loaded, _ = CheckpointManager(store).load()
     assert torch.equal(loaded["w"], torch.arange(12.0).reshape(4, 3))
+
+
+def test_zombie_rank_from_before_a_preemption_changes_nothing(one_rank, moto_s3):
+    """A rank of the old job that wakes up after the restart: its late save of a step already committed
+    is refused (create-only), an older step never becomes latest (forward-only), and its stray part is
+    unreferenced: the restart's checkpoint restores as committed."""
+    url, options = f"s3://{moto_s3.new_bucket()}/run", {"endpoint_url": moto_s3.endpoint_url}
+    restarted = DistributedCheckpointManager(url, storage_options=options, replicated=["w"])
+    restarted.save({"w": torch.full((4,), 5.0)}, step=5)
+    zombie = DistributedCheckpointManager(url, storage_options=options, replicated=["w"])
+    with pytest.raises(DistributedCheckpointError, match="AlreadyExists") as caught:
+        zombie.save({"w": torch.full((4,), -1.0)}, step=5)
+    assert caught.value.failures.keys() == {0}
+    assert zombie.save({"w": torch.full((4,), 3.0)}, step=3).pointers == ()  # committed, latest not moved
+    store = open_storage(url, **options)
+    assert len([o for o in store.list("parts/") if "checkpoint_step_00000005" in o.key]) == 2  # one stray
+    target = {"w": torch.zeros(4)}
+    assert restarted.restore(target).step == 5 and torch.equal(target["w"], torch.full((4,), 5.0))
+
+
+def test_sweeper_keeps_what_parts_reference_and_removes_a_failed_save(one_rank):
+    """Chunks are referenced only through parts: retention must read them before it sweeps."""
+    from cloudckpt.retention import KeepLastN
+    from cloudckpt.sweeper import SweepConfig
+
+    inner = MemoryStorage()
+    faulty = FaultyStorage(inner)
+    mgr = DistributedCheckpointManager(faulty, retention=KeepLastN(1), cleanup=SweepConfig(grace=datetime.timedelta(0)),
+                                       transfer=SMALL_CHUNKS)
+    mgr.save({"shard": rank_shard(0, 1)}, step=1)
+    faulty.faults.append(Fault("put", kind="permanent", key_prefix="checkpoint_"))  # the commit fails
+    with pytest.raises(DistributedCheckpointError):
+        mgr.save({"shard": rank_shard(0, 2)}, step=2)
+    assert len(inner.list("parts/")) == 2  # step 2's part is garbage now
+    mgr.save({"shard": rank_shard(0, 3)}, step=3)  # retention removes step 1, then sweeps
+    names = [o.key for o in inner.list() if o.key.endswith(".ckpt") and "/" not in o.key]
+    assert names == ["checkpoint_step_00000003.ckpt", "latest.ckpt"]
+    parts = [o.key for o in inner.list("parts/")]
+    assert len(parts) == 1 and "checkpoint_step_00000003" in parts[0]
+    target = {"shard": torch.zeros(3000)}
+    assert mgr.restore(target).step == 3 and torch.equal(target["shard"], rank_shard(0, 3))
+    assert CheckpointManager(inner).verify().chunks_read >= 1

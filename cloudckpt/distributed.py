@@ -60,6 +60,8 @@ from .format.manifest import ChunkRef, Manifest, check_manifest_name, parse_mani
 from .format.parts import PartRef
 from .manager import CheckpointInfo, CheckpointManager, metric_value
 from .pointers import is_pointer_key
+from .restore import select
+from .sharding.legacy import WorldSizeMismatch, restore_legacy
 from .sharding.load import load_into
 from .sharding.part import PartRequest, PartSource, write_part
 from .sharding.planners import JsonSavePlanner, owned_items
@@ -97,10 +99,6 @@ def _rebuild_error(text: str, failures: dict[int, str]) -> DistributedCheckpoint
     error = DistributedCheckpointError("", {})
     error.args, error.failures = (text,), failures
     return error
-
-
-class WorldSizeMismatch(CloudCkptError):
-    """Per-rank state saved by one number of ranks is being restored by another."""
 
 
 @dataclass
@@ -419,17 +417,14 @@ class DistributedCheckpointManager:
         if manifest.name != name:
             raise CorruptCheckpoint(f"{self.store.url}/{name}: the manifest calls itself {manifest.name!r}")
         if manifest.parts is None:
-            return self._restore_legacy(manifest, state, map_location, keys)
+            return restore_legacy(self.manager, manifest, state, rank=self.rank, world_size=self.world_size,
+                                  map_location=map_location, keys=keys)
         where = f"{self.store.url}/{name}"
         described = manifest.config.get(CONFIG_KEY)
         if not isinstance(described, dict) or not isinstance(described.get("resharded"), dict):
             raise CorruptCheckpoint(f"{where}: the manifest lists parts but does not describe the distributed save")
         saved_resharded, saved_per_rank = described["resharded"], described.get("per_rank", [])
-        chosen = list(state) if keys is None else [k for k in keys if k in state]
-        unknown = [k for k in chosen if k not in saved_resharded and k not in saved_per_rank]
-        if unknown:
-            raise KeyError(f"{where} holds no entries {unknown}; it holds {sorted(saved_resharded)} (resharded) "
-                           f"and {sorted(saved_per_rank)} (per rank)")
+        chosen = list(select(state, keys, {**saved_resharded, **dict.fromkeys(saved_per_rank)}, where))
         source = PartSource(self.store, manifest, self.transfer.concurrency)
         source.add(0, shared[1] or b"")
         per_rank = [k for k in chosen if k in saved_per_rank]
@@ -453,31 +448,6 @@ class DistributedCheckpointManager:
         elif keys is None and self.capture_rng:
             log.info("%s: saved by %d ranks, restored by %d: random generators are not restored", where,
                      source.world_size, self.world_size)
-        return CheckpointInfo.of(manifest)
-
-    def _restore_legacy(self, manifest: Manifest, state: MutableMapping[str, Any], map_location: Any,
-                        keys: list[str] | None) -> CheckpointInfo:
-        """A checkpoint of an earlier release: every rank's table in one manifest; same world size only."""
-        name = manifest.name
-        where = f"{self.store.url}/{name}"
-        described = manifest.config.get(CONFIG_KEY)
-        saved = manifest.state
-        if not isinstance(described, dict) or not isinstance(saved, dict) or not isinstance(saved.get(RANKS_KEY), list):
-            raise WorldSizeMismatch(f"{where} was not saved by DistributedCheckpointManager; restore it with "
-                                    "CheckpointManager")
-        ranks = saved[RANKS_KEY]
-        if described.get("world_size") != self.world_size or len(ranks) != self.world_size:
-            raise WorldSizeMismatch(
-                f"{where} was saved by {len(ranks)} ranks and is being restored by {self.world_size}; a "
-                "per-rank checkpoint restores only at the same world size (use cloudckpt.integrations.dcp "
-                "for resharding)")
-        own = ranks[self.rank]
-        if not isinstance(own, dict):
-            raise CorruptCheckpoint(f"{where}: the state of rank {self.rank} is not an object")
-        view = {k: v for k, v in saved.items() if k != RANKS_KEY}
-        view.update(own)
-        self.manager.restore_manifest(dataclasses.replace(manifest, state=view), state,
-                                      map_location=map_location, keys=keys)
         return CheckpointInfo.of(manifest)
 
     # -- reading -----------------------------------------------------------------

@@ -7,6 +7,7 @@ one-rank gloo group, which exercises the same code paths quickly.
 from __future__ import annotations
 
 import datetime
+import json
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from cloudckpt.distributed import (
     WorldSizeMismatch,
 )
 from cloudckpt.errors import CorruptCheckpoint
+from cloudckpt.format.manifest import canonical_sha256
 from cloudckpt.reader import load_manifest
 from cloudckpt.sharding.whole import with_part_chunks
 from cloudckpt.state import RNG_KEY
@@ -188,13 +190,16 @@ def test_needs_an_initialized_process_group():
 
 def test_checkpoints_of_earlier_releases_still_restore(one_rank):
     """Before parts, a distributed save was one ordinary manifest: replicated keys on top, each rank's
-    tree under RANKS_KEY, written as format version 2 here by a plain manager with that layout."""
+    tree under RANKS_KEY, format version 2: written here by a plain manager with that layout."""
     store = MemoryStorage()
     model, _ = replicated_model()
     with CheckpointManager(store, capture_rng=False,
                            config={CONFIG_KEY: {"world_size": 1, "replicated": ["model"]}}) as old:
         old.save({"model": model, RANKS_KEY: [{"shard": rank_shard(0, 1)}]}, step=7)
-    assert b'"format_version": 3' in store.get("checkpoint_step_00000007.ckpt")  # (migrated on read if 2)
+    body = json.loads(store.get("checkpoint_step_00000007.ckpt"))
+    body["format_version"] = 2  # exactly what the earlier release wrote
+    body["manifest_sha256"] = canonical_sha256(body)
+    store.put("checkpoint_step_00000007.ckpt", json.dumps(body).encode())
     target = {"model": torch.nn.Linear(16, 8), "shard": torch.zeros(3000)}
     assert DistributedCheckpointManager(store, replicated=["model"]).restore(target).step == 7
     assert torch.equal(target["model"].weight, model.weight) and torch.equal(target["shard"], rank_shard(0, 1))

@@ -353,6 +353,10 @@ class DistributedCheckpointManager:
 
         Rank 0 chooses the checkpoint (``"latest"``, ``"best"``, a name or a step)
         and every rank restores its own entries and the replicated ones from it.
+        The resharded entries (DTensors, ``replicated``) restore at any world size,
+        each rank reading only the parts it needs (``parts_read`` says how many);
+        per-rank entries need the saving world size (:class:`WorldSizeMismatch`),
+        and the RNG state is restored only there.
         For ``"latest"``/``"best"``, when a rank finds that checkpoint damaged,
         *all* ranks move on to the next one, so they never resume from different
         steps.  Returns None on every rank when the root holds no checkpoint.

@@ -8,7 +8,6 @@ import traceback
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from dist_helpers import SMALL_CHUNKS, dcp_full_state, rank_shard, replicated_model, worker_main
 

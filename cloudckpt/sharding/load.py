@@ -26,7 +26,7 @@ try:
 except ImportError:  # pragma: no cover
     from torch.distributed.checkpoint.utils import flatten_state_dict, unflatten_state_dict  # type: ignore
 
-from ..errors import CorruptCheckpoint
+from ..restore import StateMismatch
 from ..format.manifest import Manifest
 from ..integrations._dcp_io import ItemReader
 from ..reader import read_tensors
@@ -38,8 +38,9 @@ from .planners import JsonLoadPlanner, dtensor_writer, writer_of_replicated
 log = logging.getLogger(__name__)
 
 
-class StateNotInCheckpoint(CorruptCheckpoint):
-    """The state to restore has entries (or element ranges) that the checkpoint does not hold."""
+class StateNotInCheckpoint(StateMismatch):
+    """The state to restore has entries (or element ranges) that the checkpoint does not hold (not damage:
+    restoring an older checkpoint would not help)."""
 
 
 def likely_parts(state_dict: dict[str, Any], world_size: int, saved_world_size: int, rank: int) -> set[int]:
@@ -88,8 +89,10 @@ def load_into(store: Storage, source: PartSource, state_dict: dict[str, Any], *,
         try:
             plan = planner.create_local_plan()
             gaps = _uncovered(planner.state_dict, plan, metadata)
-        except RuntimeError as exc:  # DCP: "Missing key in checkpoint state_dict"
-            gaps = [str(exc)]
+        except RuntimeError:  # DCP: "Missing key in checkpoint state_dict"
+            gaps = sorted(fqn for fqn in planner.state_dict if fqn not in metadata.state_dict_metadata)
+            if not gaps:
+                raise
         if not gaps:
             break
         if len(ranks) == source.world_size:

@@ -265,3 +265,12 @@ def test_sweeper_keeps_what_parts_reference_and_removes_a_failed_save(one_rank):
     target = {"shard": torch.zeros(3000)}
     assert mgr.restore(target).step == 3 and torch.equal(target["shard"], rank_shard(0, 3))
     assert CheckpointManager(inner).verify().chunks_read >= 1
+
+
+def test_state_the_checkpoint_lacks_is_an_error_not_a_fallback(one_rank):
+    store = MemoryStorage()
+    mgr = DistributedCheckpointManager(store, replicated=["w", "progress"])
+    for step in (1, 2):
+        mgr.save({"w": torch.ones(3), "progress": {"x": step}}, step=step)
+    with pytest.raises(DistributedCheckpointError, match=r"checkpoint_step_00000002.*does not hold \['progress.y'\]"):
+        mgr.restore({"w": torch.zeros(3), "progress": {"y": 0}})

@@ -29,7 +29,7 @@ from cloudckpt import CheckpointManager
 from cloudckpt.distributed import RANKS_KEY
 from cloudckpt.storage import open_storage
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # 4 launches of 2-4 torch processes each
 WORKER = Path(__file__).with_name("elastic_worker.py")
 
 

@@ -51,6 +51,7 @@ from .pointers import (
     read_pointer,
     update_json,
 )
+from .format.serialize import UnsupportedValue
 from .parallel import run_parallel
 from .reader import ChunkFetcher
 from .storage.base import ObjectInfo, Storage, upload_multipart
@@ -151,6 +152,10 @@ class Copier:
         manifest = parse_manifest(raw, where)
         if manifest.name != name:
             raise CorruptCheckpoint(f"{where}: the manifest calls itself {manifest.name!r}")
+        if manifest.parts is not None:
+            raise UnsupportedValue(f"{where} was saved by DistributedCheckpointManager (it lists per-rank parts), "
+                                   "which this release cannot copy; load it whole with CheckpointManager.load() "
+                                   "and save that, or copy the root's objects with your storage tool")
         stats = CopyStats(name=name)
         if self._committed_identically(name, raw):
             stats.already_present = True

@@ -1,36 +1,43 @@
-"""Multi-process checkpoints with CheckpointManager semantics: every rank uploads, rank 0 commits.
+"""Multi-process checkpoints with CheckpointManager semantics, resharded through torch.distributed.checkpoint.
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
-    ckpt = DistributedCheckpointManager("s3://bucket/run", replicated=["model"])
-    ckpt.save({"model": ddp.module, "optimizer": zero_shard_optimizer}, step=100)   # on every rank
-    ckpt.restore({"model": ddp.module, "optimizer": zero_shard_optimizer})           # on every rank
+    ckpt = DistributedCheckpointManager("s3://bucket/run", replicated=["progress"])
+    ckpt.save({"model": fsdp_model, "optimizer": optimizer, "progress": progress}, step=100)  # every rank
+    ckpt.restore({"model": fsdp_model, "optimizer": optimizer, "progress": progress})         # any world size
+
+What is stored how (:mod:`cloudckpt.sharding.state`): an entry holding a
+DTensor (FSDP2, tensor parallel), or named in ``replicated`` (the same on
+every rank: a DDP model, counters), goes through DCP's planners (modules and
+optimizers through ``get_model_state_dict``/``get_optimizer_state_dict``), so
+it restores at any world size: DCP works out which stored block feeds which
+destination shard.  Every other entry, and each rank's RNG state, is *per
+rank*: it restores at the same world size only.
 
 How a save goes (all ranks call it together):
 
-1. Each rank flattens its own state (and, on rank 0 only, the ``replicated``
-   keys: entries every rank holds identically, like a DDP model, stored once),
-   copies its tensors to host memory and uploads them as content-addressed
-   chunks; chunks that live checkpoints already hold are skipped.
-2. The ranks gather their results to rank 0: the state tree, tensor entries and
-   chunk refs on success, the error on failure.  A rank that fails still takes
-   part, so nobody waits for it.
-3. Rank 0 writes one ordinary cloudckpt manifest (create-only) only if every
-   rank succeeded, then moves ``latest``/``best`` pointers and applies retention,
-   exactly as :class:`~cloudckpt.CheckpointManager` does.  It broadcasts the
-   outcome; every rank returns the same :class:`~cloudckpt.CheckpointInfo` or
-   raises :class:`DistributedCheckpointError` naming the ranks that failed.
+1. Each rank plans its items with DCP's planner, keeps those it owns (its
+   shards; a share of the replicated entries, chosen by name, the same way on
+   every rank: no gather), uploads them as content-addressed chunks, then
+   writes its *part* (what it stored, where) create-only under
+   ``parts/<hh>/<checkpoint>/`` (:mod:`cloudckpt.format.parts`).
+2. The ranks gather one small digest each to rank 0: the part's SHA-256, size
+   and tensor bytes, or the rank's error.  A rank that fails still takes part.
+3. Rank 0 commits one manifest that lists the parts (create-only) only if every
+   rank succeeded, then moves ``latest``/``best`` and applies retention, as
+   :class:`~cloudckpt.CheckpointManager` does.  It broadcasts the outcome; every
+   rank returns the same :class:`~cloudckpt.CheckpointInfo` or raises
+   :class:`DistributedCheckpointError` naming the ranks that failed.
 
 So a failed rank means no manifest: the checkpoint does not exist, the previous
-one stays ``latest``, and the uploaded chunks are garbage for the sweeper.  A
-rank that *dies* (rather than raising) cannot report; the others then fail when
-the process group's timeout expires (``init_process_group(timeout=...)``).
+one stays ``latest``, and what was uploaded is garbage for the sweeper.  A rank
+that *dies* cannot report; the others then fail when the process group's
+timeout expires (``init_process_group(timeout=...)``).  The gather and the
+manifest grow by one row per rank, whatever the number of tensors.
 
-The manifest is a regular one: the replicated entries sit at the top of the
-state tree (so a single-process ``CheckpointManager`` restores ``model`` from it),
-the per-rank entries in a list under ``"cloudckpt_ranks"`` (index = rank, each
-with that rank's RNG state), and ``config["cloudckpt_distributed"]`` records the
-world size.  Restoring needs the same world size; to change it (resharding),
-use :mod:`cloudckpt.integrations.dcp` instead.
+A single process reads such a checkpoint whole with ``CheckpointManager.load()``
+(full tensors; per-rank state under ``"cloudckpt_ranks"``).  Checkpoints of
+earlier releases (one manifest holding every rank's table) still restore, at
+their own world size.
 """
 
 from __future__ import annotations
@@ -48,22 +55,23 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
-from .errors import (
-    CloudCkptError,
-    CorruptCheckpoint,
-    FormatVersionError,
-    NotFound,
-)
-from .format.manifest import ChunkRef, Manifest, TensorEntry, check_manifest_name
-from .format.serialize import Segment, flatten, has_pickled_leaves
+from .errors import CloudCkptError, CorruptCheckpoint, FormatVersionError, NotFound
+from .format.manifest import ChunkRef, Manifest, check_manifest_name, parse_manifest
+from .format.parts import PartRef
 from .manager import CheckpointInfo, CheckpointManager, metric_value
 from .pointers import is_pointer_key
-from .reader import load_manifest
+from .restore import select
+from .sharding.legacy import WorldSizeMismatch, restore_legacy
+from .sharding.load import load_into
+from .sharding.part import PartRequest, PartSource, write_part
+from .sharding.planners import JsonSavePlanner, owned_items
+from .sharding.state import classify, from_dcp, to_dcp
+from .sharding.whole import CONFIG_KEY, RANKS_KEY
 from .state import RNG_KEY, RNGState
 from .storage import Storage
 from .sweeper import SweepConfig
 from .transfer import TransferConfig
-from .writer import WriteStats, commit_manifest, host_copy, upload_tensors
+from .writer import WriteStats, commit_manifest
 
 __all__ = [
     "CONFIG_KEY", "RANKS_KEY", "DistributedCheckpointError", "DistributedCheckpointManager", "WorldSizeMismatch",
@@ -71,11 +79,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Top-level key of the manifest's state tree holding the per-rank trees (a list, index = rank).
-RANKS_KEY = "cloudckpt_ranks"
-#: Key of the manifest's ``config`` describing the distributed save.
-CONFIG_KEY = "cloudckpt_distributed"
 _FALLBACK = (CorruptCheckpoint, FormatVersionError, NotFound)
+_STAT_FIELDS = tuple(f.name for f in dataclasses.fields(WriteStats))
 
 
 class DistributedCheckpointError(CloudCkptError):
@@ -96,22 +101,29 @@ def _rebuild_error(text: str, failures: dict[int, str]) -> DistributedCheckpoint
     return error
 
 
-class WorldSizeMismatch(CloudCkptError):
-    """The checkpoint was saved by a different number of ranks than are restoring it."""
-
-
 @dataclass
-class _RankUpload:
-    """What one rank sends rank 0 after uploading: its part of the manifest, or its error."""
+class _RankDigest:
+    """What one rank sends rank 0: a few numbers about its part, or its error.  O(1) per rank."""
 
     error: str | None = None
     name: str = ""
     step: int = -1
-    tree: Any = None
-    tensors: list[TensorEntry] = field(default_factory=list)
-    chunks: list[ChunkRef] = field(default_factory=list)
-    pickled: bool = False
+    part: PartRef | None = None
     stats: WriteStats = field(default_factory=WriteStats)
+    resharded: dict[str, str] = field(default_factory=dict)  # rank 0's only: key -> kind
+    per_rank: list[str] = field(default_factory=list)
+
+    def wire(self) -> tuple[Any, ...]:
+        """Plain tuples: what crosses the gather (cheap to pickle and unpickle by the thousand)."""
+        part = None if self.part is None else (self.part.sha256, self.part.size, self.part.nbytes)
+        stats = tuple(getattr(self.stats, f) for f in _STAT_FIELDS)
+        return self.error, self.name, self.step, part, stats, self.resharded, self.per_rank
+
+    @classmethod
+    def from_wire(cls, rank: int, wire: tuple[Any, ...]) -> _RankDigest:
+        error, name, step, part, stats, resharded, per_rank = wire
+        return cls(error, name, step, None if part is None else PartRef(rank, *part), WriteStats(*stats),
+                   resharded, per_rank)
 
 
 @dataclass
@@ -128,13 +140,13 @@ class _AfterCommit(Exception):
 
 
 class DistributedCheckpointManager:
-    """Collective save/restore of per-rank training state under one root, committed by rank 0.
+    """Collective save/restore of sharded and per-rank training state under one root, committed by rank 0.
 
     Every rank of ``process_group`` (the default group when None) builds one on
     the same root and calls :meth:`save` and :meth:`restore` together.
-    ``replicated`` names state keys that hold the same value on every rank (a
-    DDP model): rank 0 stores them once, every rank restores them.  Other
-    keys are stored per rank.  The remaining arguments are
+    Entries holding DTensors, and those named in ``replicated`` (identical on
+    every rank), are resharded through DCP and restore at any world size;
+    other entries are stored per rank.  The remaining arguments are
     :class:`~cloudckpt.CheckpointManager`'s; pointers and retention are run by
     rank 0.  ``root`` may be a Storage object (each rank passes its own).
     """
@@ -172,6 +184,8 @@ class DistributedCheckpointManager:
         )
         self.store = self.manager.store
         self.transfer = self.manager.transfer
+        self._reusable: tuple[str, dict[str, ChunkRef]] | None = None  # this rank's chunks of its last commit
+        self.parts_read = 0  # parts fetched by the last restore (a measure of its cost)
 
     # -- collectives -------------------------------------------------------------
     def _gather(self, obj: Any) -> list[Any] | None:
@@ -208,18 +222,20 @@ class DistributedCheckpointManager:
         taken from rank 0.
         """
         local_error: BaseException | None = None
+        chunks: dict[str, ChunkRef] = {}
         try:
-            upload = self._upload(state, step, name)
+            digest, chunks = self._write_part(state, step, name, reason)
         except BaseException as exc:  # noqa: BLE001 (reported to rank 0; re-raised below)
             local_error = exc
-            upload = _RankUpload(error=f"{type(exc).__name__}: {exc}")
-        gathered = self._gather(upload)
+            digest = _RankDigest(error=f"{type(exc).__name__}: {exc}")
+        gathered = self._gather(digest.wire())
         outcome: _Outcome | None = None
         commit_error: BaseException | None = None
         if self.rank == 0:
             assert gathered is not None
             try:
-                outcome = self._decide(gathered, epoch, metrics, reason)
+                outcome = self._decide([_RankDigest.from_wire(r, w) for r, w in enumerate(gathered)],
+                                       epoch, metrics, reason)
             except _AfterCommit as exc:
                 commit_error = exc.__cause__
                 outcome = _Outcome({0: f"pointers/retention failed: {type(commit_error).__name__}: {commit_error}"},
@@ -236,23 +252,37 @@ class DistributedCheckpointManager:
                     else f"{self.store.url}: distributed save of step {step} was not committed")
             raise DistributedCheckpointError(what, outcome.failures) from (local_error or commit_error)
         assert outcome.info is not None
+        self._reusable = (outcome.info.name, chunks)
         return outcome.info
 
-    def _upload(self, state: Mapping[str, Any], step: int, name: str | None) -> _RankUpload:
+    def _write_part(self, state: Mapping[str, Any], step: int, name: str | None,
+                    reason: str) -> tuple[_RankDigest, dict[str, ChunkRef]]:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         name = check_manifest_name(name or f"checkpoint_step_{step:08d}.ckpt")
         if is_pointer_key(name):
             raise ValueError(f"{name!r} is reserved for a pointer object; choose another checkpoint name")
-        own, shared = self._split(state)
-        flat = flatten({"own": own, "shared": shared}, allow_pickle=self.allow_pickle)
-        uploaded = upload_tensors(self.store, [host_copy(t) for t in flat.tensors], self.transfer,
-                                  self.manager.known_chunks(), devices=[str(t.device) for t in flat.tensors])
-        entries, chunks = uploaded.tensors, uploaded.chunks
-        return _RankUpload(name=name, step=step, tree=flat.tree, tensors=entries, chunks=chunks,
-                           pickled=self.allow_pickle and has_pickled_leaves(flat.tree), stats=uploaded.stats)
+        self._check_keys(state)
+        resharded_keys, per_rank = classify(state, self.replicated)
+        resharded = to_dcp(state, resharded_keys)
+        planner = JsonSavePlanner()
+        planner.set_up_planner(resharded.state_dict, is_coordinator=self.rank == 0)
+        plan = planner.create_local_plan()
+        items = owned_items(plan.items, planner.state_dict, self.rank, self.world_size, dist.get_rank())
+        planner.finish_plan(dataclasses.replace(plan, items=items))
+        own = {k: state[k] for k in per_rank}
+        if self.capture_rng:
+            own[RNG_KEY] = RNGState()
+        written = write_part(self.store, PartRequest(
+            checkpoint=name, step=step, reason=reason, rank=self.rank, world_size=self.world_size,
+            items=items, planner=planner, own_state=own, allow_pickle=self.allow_pickle,
+        ), self.transfer, self._known_chunks())
+        digest = _RankDigest(name=name, step=step, part=written.ref, stats=written.stats,
+                             resharded=resharded.kinds if self.rank == 0 else {},
+                             per_rank=per_rank if self.rank == 0 else [])
+        return digest, {c.key: c for c in written.chunks}
 
-    def _split(self, state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _check_keys(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping of names to values, got {type(state).__name__}")
         bad = [k for k in state if not isinstance(k, str) or k.startswith("__")]
@@ -264,13 +294,22 @@ class DistributedCheckpointManager:
         missing = [k for k in self.replicated if k not in state]
         if missing:
             raise ValueError(f"replicated keys {missing} are not in the state passed to save()")
-        own = {k: v for k, v in state.items() if k not in self.replicated}
-        if self.capture_rng:
-            own[RNG_KEY] = RNGState()
-        shared = {k: state[k] for k in self.replicated} if self.rank == 0 else {}
-        return own, shared
 
-    def _decide(self, gathered: list[_RankUpload], epoch: int | None, metrics: Mapping[str, float] | None,
+    def _known_chunks(self) -> dict[str, ChunkRef]:
+        """This rank's chunks of its previous commit, if that checkpoint still exists (one HEAD): unchanged
+        data is not uploaded again.  Retention never removes the latest checkpoint, and the sweeper waits a
+        grace period before deleting chunks that became unreferenced."""
+        if self._reusable is None:
+            return {}
+        name, chunks = self._reusable
+        try:
+            self.store.head(name)
+        except NotFound:
+            self._reusable = None
+            return {}
+        return chunks
+
+    def _decide(self, gathered: list[_RankDigest], epoch: int | None, metrics: Mapping[str, float] | None,
                 reason: str) -> _Outcome:
         failures = {r: u.error for r, u in enumerate(gathered) if u.error is not None}
         if failures:
@@ -280,50 +319,27 @@ class DistributedCheckpointManager:
                   for r, u in enumerate(gathered) if (u.name, u.step) != (first.name, first.step)}
         if differ:
             return _Outcome(differ)
-        manifest = dataclasses.replace(self._merge(gathered, epoch, metrics, reason),
-                                       lineage=self.manager.prepare_lineage())
+        parts = [u.part for u in gathered]
+        assert all(p is not None for p in parts)
+        manifest = Manifest(
+            name=first.name, step=first.step, epoch=epoch, reason=reason,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z"),
+            state={}, tensors=[], chunks=[], parts=parts,  # type: ignore[arg-type]
+            metrics={str(k): metric_value(k, v) for k, v in (metrics or {}).items()},
+            compression=self.transfer.compression, library_version=__version__, host=socket.gethostname(),
+            lineage=self.manager.prepare_lineage(),
+            config={**self.manager.config, CONFIG_KEY: {
+                "world_size": len(gathered), "replicated": list(self.replicated),
+                "resharded": first.resharded, "per_rank": first.per_rank}},
+        )
         commit_manifest(self.store, manifest)
-        stats = WriteStats()
-        for u in gathered:
-            for f in dataclasses.fields(WriteStats):
-                setattr(stats, f.name, getattr(stats, f.name) + getattr(u.stats, f.name))
+        stats = WriteStats(*(sum(getattr(u.stats, f) for u in gathered) for f in _STAT_FIELDS))
         log.info("committed %s/%s from %d ranks: %d chunks uploaded, %d reused", self.store.url,
                  manifest.name, len(gathered), stats.chunks_uploaded, stats.chunks_reused)
         try:
             return _Outcome({}, self.manager.after_commit(manifest, stats))
         except Exception as exc:
             raise _AfterCommit(manifest.name) from exc
-
-    def _merge(self, gathered: list[_RankUpload], epoch: int | None, metrics: Mapping[str, float] | None,
-               reason: str) -> Manifest:
-        chunks: list[ChunkRef] = []
-        position: dict[str, int] = {}
-        tensors: list[TensorEntry] = []
-        rank_trees = []
-        shared: dict[str, Any] = {}
-        for rank, upload in enumerate(gathered):
-            remap = [position.setdefault(c.key, len(position)) for c in upload.chunks]
-            for c, p in zip(upload.chunks, remap):
-                if p == len(chunks):
-                    chunks.append(c)
-            offset = len(tensors)
-            tensors.extend(dataclasses.replace(e, segments=tuple(
-                Segment(remap[s.chunk_index], s.chunk_offset, s.tensor_offset, s.length) for s in e.segments))
-                for e in upload.tensors)
-            tree = _shift_tensors(upload.tree, offset)
-            rank_trees.append(tree["own"])
-            if rank == 0:
-                shared = tree["shared"]
-        return Manifest(
-            name=gathered[0].name, step=gathered[0].step, epoch=epoch, reason=reason,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z"),
-            state={**shared, RANKS_KEY: rank_trees}, tensors=tensors, chunks=chunks,
-            metrics={str(k): metric_value(k, v) for k, v in (metrics or {}).items()},
-            compression=self.transfer.compression, library_version=__version__, host=socket.gethostname(),
-            config={**self.manager.config, CONFIG_KEY: {"world_size": len(gathered),
-                                                        "replicated": list(self.replicated)}},
-            pickled=any(u.pickled for u in gathered),
-        )
 
     # -- restoring ---------------------------------------------------------------
     def restore(
@@ -338,6 +354,10 @@ class DistributedCheckpointManager:
 
         Rank 0 chooses the checkpoint (``"latest"``, ``"best"``, a name or a step)
         and every rank restores its own entries and the replicated ones from it.
+        The resharded entries (DTensors, ``replicated``) restore at any world size,
+        each rank reading only the parts it needs (``parts_read`` says how many);
+        per-rank entries need the saving world size (:class:`WorldSizeMismatch`),
+        and the RNG state is restored only there.
         For ``"latest"``/``"best"``, when a rank finds that checkpoint damaged,
         *all* ranks move on to the next one, so they never resume from different
         steps.  Returns None on every rank when the root holds no checkpoint.
@@ -358,8 +378,9 @@ class DistributedCheckpointManager:
         tried: dict[int, str] = {}
         for name in candidates:
             info, local_error = None, None
+            shared = self._broadcast(self._read_shared(name) if self.rank == 0 else None)
             try:
-                info = self._restore_one(name, state, map_location, keys)
+                info = self._restore_one(name, shared, state, map_location, keys)
             except BaseException as exc:  # noqa: BLE001
                 local_error = exc
             report = None if local_error is None else (f"{type(local_error).__name__}: {local_error}",
@@ -381,28 +402,56 @@ class DistributedCheckpointManager:
             tried.update({r: f"{name}: {m}" for r, m in failures.items() if r not in tried})
         raise DistributedCheckpointError(f"{self.store.url}: no checkpoint could be restored on every rank", tried)
 
-    def _restore_one(self, name: str, state: MutableMapping[str, Any], map_location: Any,
-                     keys: list[str] | None) -> CheckpointInfo:
-        manifest = load_manifest(self.store, name)
+    def _read_shared(self, name: str) -> tuple[bytes, bytes | None] | BaseException:
+        """Rank 0 reads what every rank needs, the manifest and part 0 (which holds the plain values),
+        and broadcasts it: N ranks restoring do not send N GETs to the same two keys."""
+        try:
+            data = self.store.get(name)
+            manifest = parse_manifest(data, f"{self.store.url}/{name}")
+            first = manifest.parts[0].key(name) if manifest.parts else None
+            return data, None if first is None else self.store.get(first)
+        except Exception as exc:  # noqa: BLE001 (raised on every rank by _restore_one)
+            return exc
+
+    def _restore_one(self, name: str, shared: tuple[bytes, bytes | None] | BaseException,
+                     state: MutableMapping[str, Any], map_location: Any, keys: list[str] | None) -> CheckpointInfo:
+        if isinstance(shared, BaseException):
+            raise shared
+        manifest = parse_manifest(shared[0], f"{self.store.url}/{name}")
+        if manifest.name != name:
+            raise CorruptCheckpoint(f"{self.store.url}/{name}: the manifest calls itself {manifest.name!r}")
+        if manifest.parts is None:
+            return restore_legacy(self.manager, manifest, state, rank=self.rank, world_size=self.world_size,
+                                  map_location=map_location, keys=keys)
         where = f"{self.store.url}/{name}"
         described = manifest.config.get(CONFIG_KEY)
-        saved = manifest.state
-        if not isinstance(described, dict) or not isinstance(saved, dict) or not isinstance(saved.get(RANKS_KEY), list):
-            raise WorldSizeMismatch(f"{where} was not saved by DistributedCheckpointManager; restore it with "
-                                    "CheckpointManager")
-        ranks = saved[RANKS_KEY]
-        if described.get("world_size") != self.world_size or len(ranks) != self.world_size:
+        if not isinstance(described, dict) or not isinstance(described.get("resharded"), dict):
+            raise CorruptCheckpoint(f"{where}: the manifest lists parts but does not describe the distributed save")
+        saved_resharded, saved_per_rank = described["resharded"], described.get("per_rank", [])
+        chosen = list(select(state, keys, {**saved_resharded, **dict.fromkeys(saved_per_rank)}, where))
+        source = PartSource(self.store, manifest, self.transfer.concurrency)
+        source.add(0, shared[1] or b"")
+        per_rank = [k for k in chosen if k in saved_per_rank]
+        same_world = source.world_size == self.world_size
+        if per_rank and not same_world:
             raise WorldSizeMismatch(
-                f"{where} was saved by {len(ranks)} ranks and is being restored by {self.world_size}; a "
-                "per-rank checkpoint restores only at the same world size (use cloudckpt.integrations.dcp "
-                "for resharding)")
-        own = ranks[self.rank]
-        if not isinstance(own, dict):
-            raise CorruptCheckpoint(f"{where}: the state of rank {self.rank} is not an object")
-        view = {k: v for k, v in saved.items() if k != RANKS_KEY}
-        view.update(own)
-        self.manager.restore_manifest(dataclasses.replace(manifest, state=view), state,
-                                      map_location=map_location, keys=keys)
+                f"{where}: {per_rank} were saved per rank by {source.world_size} ranks and cannot be restored by "
+                f"{self.world_size}; restore the other entries with keys=[...], or save such entries as "
+                "replicated (identical on every rank) or as DTensors, which reshard")
+        resharded = to_dcp(state, [k for k in chosen if k in saved_resharded])
+        self.parts_read = load_into(self.store, source, resharded.state_dict, rank=self.rank,
+                                    world_size=self.world_size, transfer=self.transfer,
+                                    fill={k for k, kind in resharded.kinds.items() if kind == "value"})
+        from_dcp(state, resharded)
+        if same_world and (per_rank or (keys is None and self.capture_rng)):
+            own = source.fetch({self.rank})[0].own
+            entries = {k: state[k] for k in per_rank}
+            self.manager.restore_manifest(own, entries, map_location=map_location,
+                                          keys=None if keys is None else per_rank)  # RNG only with the whole state
+            state.update(entries)
+        elif keys is None and self.capture_rng:
+            log.info("%s: saved by %d ranks, restored by %d: random generators are not restored", where,
+                     source.world_size, self.world_size)
         return CheckpointInfo.of(manifest)
 
     # -- reading -----------------------------------------------------------------
@@ -424,20 +473,3 @@ class DistributedCheckpointManager:
 
     def __repr__(self) -> str:
         return f"DistributedCheckpointManager({self.store.url!r}, rank={self.rank}/{self.world_size})"
-
-
-def _shift_tensors(tree: Any, offset: int) -> Any:
-    """``tree`` with every ``{"__tensor__": i}`` / ``{"__ndarray__": i}`` reference moved by ``offset``."""
-    if isinstance(tree, dict):
-        if len(tree) == 1:
-            (tag, value), = tree.items()
-            if tag in ("__tensor__", "__ndarray__") and type(value) is int:
-                return {tag: value + offset}
-        return {k: _shift_tensors(v, offset) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_shift_tensors(v, offset) for v in tree]
-    return tree
-
-
-
-

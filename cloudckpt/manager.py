@@ -21,6 +21,7 @@ from .format.manifest import ChunkRef, Lineage, Manifest, check_manifest_name
 from .format.serialize import flatten
 from .loading import load_state, plain
 from .pipeline import BackgroundSaver, SaveHandle
+from .restore import apply_state, select
 from .post_commit import check_manager_config, report_failure, run_after_commit
 from .pointers import STATE_KEY, is_pointer_key, update_json
 from .reader import ReadStats, verify_chunks
@@ -351,8 +352,16 @@ class CheckpointManager:
         All or nothing: a failure leaves every object of ``state`` and the RNG as they were
         (see :mod:`cloudckpt.transaction`).
         """
-        restore_checkpoint(self.store, manifest, state, self.transfer, keys=keys, map_location=map_location,
-                           restore_rng=self.capture_rng, allow_pickle=self.allow_pickle)
+        if manifest.parts is not None:  # saved by DistributedCheckpointManager: read whole, then apply
+            from .sharding.whole import load_whole_state
+
+            where = f"{self.store.url}/{manifest.name}"
+            whole = load_whole_state(self.store, manifest, self.transfer, keys=set(keys or state),
+                                     allow_pickle=self.allow_pickle, map_location=map_location)
+            apply_state(state, {k: whole[k] for k in select(state, keys, whole, where)})
+        else:
+            restore_checkpoint(self.store, manifest, state, self.transfer, keys=keys, map_location=map_location,
+                               restore_rng=self.capture_rng, allow_pickle=self.allow_pickle)
         self._position = Position.restored_from(manifest)
 
     def load(self, which: Which = "latest", *, map_location: str | torch.device | None = None,
@@ -374,6 +383,11 @@ class CheckpointManager:
         return plain(holder), CheckpointInfo.of(manifest)
 
     def _load_manifest(self, manifest: Manifest, map_location: str | torch.device | None) -> dict[str, Any]:
+        if manifest.parts is not None:  # saved by DistributedCheckpointManager: read whole
+            from .sharding.whole import load_whole_state
+
+            return load_whole_state(self.store, manifest, self.transfer, allow_pickle=self.allow_pickle,
+                                    map_location=map_location)
         return load_state(self.store, manifest, transfer=self.transfer, allow_pickle=self.allow_pickle,
                           map_location=map_location)
 
@@ -383,7 +397,12 @@ class CheckpointManager:
         if not candidates:
             raise NotFound(f"{self.store.url}: no checkpoint to verify")
         self.catalog.forget({candidates[0]})
-        return verify_chunks(self.store, self.catalog.manifest(candidates[0]), self.transfer)
+        manifest = self.catalog.manifest(candidates[0])
+        if manifest.parts is not None:  # saved by DistributedCheckpointManager: the chunks its parts list
+            from .sharding.whole import with_part_chunks
+
+            manifest = with_part_chunks(self.store, manifest)
+        return verify_chunks(self.store, manifest, self.transfer)
 
     # -- retention -------------------------------------------------------------
     def prune(self, *, dry_run: bool = False) -> SweepReport:
@@ -443,7 +462,7 @@ class CheckpointManager:
                     "from garbage, so nothing is deleted until it is quarantined "
                     f"(`cloudckpt verify {self.store.url} --all --repair`) or removed"
                 ) from exc
-        return referenced_chunks(manifests)
+        return referenced_chunks(manifests, self.store)
 
     def delete(self, name: str) -> None:
         """Remove one checkpoint now: its manifest goes (the checkpoint ceases to exist); its chunks

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Literal
 from . import run_index
 from .errors import CloudCkptError, PermissionDenied, TransientError
 from .format.manifest import Manifest
+from .format.parts import PARTS_PREFIX
 from .pointers import STATE_KEY, update_json
 from .storage.base import Storage
 from .storage.lifecycle import CHUNK_PREFIX
@@ -113,7 +114,7 @@ class Sweeper:
         committed while we listed still protects its chunks.
         """
         now = self.config.clock()
-        listed = self.store.list(CHUNK_PREFIX)
+        listed = self.store.list(CHUNK_PREFIX) + self.store.list(PARTS_PREFIX)  # parts: format/parts.py
         referenced = live_chunks()
         self._marked -= referenced  # re-uploaded since it was marked: a candidate again once unreferenced
         unreferenced = [i for i in listed if i.key not in referenced and i.key not in self._marked]
@@ -178,5 +179,18 @@ class Sweeper:
                 report.uploads_aborted += 1
 
 
-def referenced_chunks(manifests: Iterable[Manifest]) -> set[str]:
-    return {chunk.key for manifest in manifests for chunk in manifest.chunks}
+def referenced_chunks(manifests: Iterable[Manifest], store: Storage | None = None) -> set[str]:
+    """Keys the manifests need: their chunks and, for distributed checkpoints (read from ``store``),
+    their parts and the chunks the parts list."""
+    keys = set()
+    for manifest in manifests:
+        keys.update(chunk.key for chunk in manifest.chunks)
+        if manifest.parts is not None:
+            if store is None:
+                raise ValueError(f"{manifest.name} lists parts: pass the store to read them")
+            from .sharding.part import PartSource
+
+            for part in PartSource(store, manifest).fetch(range(len(manifest.parts))):
+                keys.add(manifest.parts[part.rank].key(manifest.name))
+                keys.update(chunk.key for chunk in part.chunks)
+    return keys

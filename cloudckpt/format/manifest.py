@@ -23,6 +23,7 @@ from ..errors import CorruptCheckpoint, FormatVersionError
 from ..storage.lifecycle import CHUNK_PREFIX
 from .dtypes import TENSOR_DTYPES
 from .layout import check_layout
+from .parts import PartRef, decode_part_refs, encode_part_refs
 from .serialize import Segment
 
 FORMAT_NAME = "cloudckpt"
@@ -117,11 +118,12 @@ class Manifest:
     pickled: bool = False
     lineage: Lineage = field(default_factory=Lineage)
     format_version: int = FORMAT_VERSION
+    parts: list[PartRef] | None = None  # a distributed checkpoint's per-rank parts (format/parts.py)
 
     @property
     def nbytes(self) -> int:
         """Bytes of tensor data the checkpoint holds (before compression)."""
-        return sum(t.nbytes for t in self.tensors)
+        return sum(t.nbytes for t in self.tensors) + sum(p.nbytes for p in self.parts or ())
 
     @property
     def stored_bytes(self) -> int:
@@ -162,13 +164,16 @@ class Manifest:
             ],
             "state": self.state,
         }
+        if self.parts is not None:
+            body["parts"] = encode_part_refs(self.parts)
         body["manifest_sha256"] = canonical_sha256(body)
         return body
 
     def to_bytes(self) -> bytes:
         # Not sort_keys: the state tree keeps the order of the user's dicts (a module's
         # state_dict order).  The checksum is over the canonical (sorted) form regardless.
-        return json.dumps(self.to_json(), indent=1, allow_nan=False).encode()
+        indent = None if self.parts else 1  # one line per rank would make a many-rank commit slow to write
+        return json.dumps(self.to_json(), indent=indent, allow_nan=False).encode()
 
 
 def canonical_sha256(body: dict[str, Any]) -> str:
@@ -230,7 +235,8 @@ def _v1_to_v2(body: dict[str, Any]) -> dict[str, Any]:
 
 @migration(2)
 def _v2_to_v3(body: dict[str, Any]) -> dict[str, Any]:
-    """v2 had no timelines: every checkpoint of an old root is on the one timeline ``main``."""
+    """v2 had no timelines (every checkpoint of an old root is on the one timeline ``main``) and no
+    distributed parts (those are optional)."""
     body = dict(body)
     body["lineage"] = {"timeline": MAIN_TIMELINE, "parent": None}
     body["format_version"] = 3
@@ -320,6 +326,7 @@ def _validate(body: dict[str, Any], where: str) -> Manifest:
         config=v.dict(body, "config"),
         pickled=pickled,
         lineage=v.lineage(body),
+        parts=decode_part_refs(body.get("parts"), where),
     )
 
 

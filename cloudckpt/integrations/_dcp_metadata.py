@@ -216,6 +216,11 @@ def decode_metadata(data: bytes, where: str) -> Metadata:
     if version != FORMAT_VERSION:
         raise FormatVersionError(f"{where}: DCP metadata format version {version}; this release of cloudckpt "
                                  f"reads version {FORMAT_VERSION}")
+    return decode_metadata_body(body, where)
+
+
+def decode_metadata_body(body: dict[str, Any], where: str) -> Metadata:
+    """Verify and rebuild parsed metadata JSON (a version-checked object; also embedded in a rank's part)."""
     if body.get("metadata_sha256") != _canonical_sha256(body):
         raise CorruptCheckpoint(f"{where}: metadata checksum mismatch; the metadata object is damaged")
     return _Decoder(where).metadata(body)

@@ -49,12 +49,9 @@ from __future__ import annotations
 import io
 import logging
 import os
-import threading
 import uuid
 from collections.abc import Mapping
-from concurrent.futures import Future as _PyFuture
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
@@ -62,11 +59,8 @@ from torch.distributed.checkpoint.planner import (
     LoadItemType,
     LoadPlan,
     LoadPlanner,
-    ReadItem,
     SavePlan,
     SavePlanner,
-    WriteItem,
-    WriteItemType,
 )
 from torch.distributed.checkpoint.storage import (
     StorageReader,
@@ -77,18 +71,11 @@ from torch.futures import Future
 
 from .. import __version__
 from ..errors import AlreadyExists, CorruptCheckpoint, NotFound
-from ..format.dtypes import (
-    TENSOR_DTYPES,
-    TensorRecord,
-    empty_from_record,
-    tensor_bytes,
-)
-from ..format.manifest import ChunkRef
-from ..format.serialize import PickleNotAllowed, Segment, UnsupportedValue
-from ..reader import ChunkFetcher
-from ..storage import Storage, open_storage
+from ..format.serialize import PickleNotAllowed
+from ..storage import Storage
 from ..transfer import TransferConfig
-from ..writer import host_copy, upload_tensors
+from ._dcp_io import ItemReader, store_items
+from ._dcp_location import AtLocation, Location
 from ._dcp_metadata import (
     DCP_VERSION,
     METADATA_KEY,
@@ -101,84 +88,8 @@ __all__ = ["METADATA_KEY", "CloudStorageReader", "CloudStorageWriter", "PickleNo
 
 log = logging.getLogger(__name__)
 
-_SCHEMES = ("s3://", "gs://", "gcs://", "file://", "memory://")
 
-
-class _Location:
-    """The store a checkpoint lives in: a URL this object opened (and closes), or a caller's Storage."""
-
-    def __init__(self, root_or_store: str | os.PathLike[str] | Storage,
-                 storage_options: Mapping[str, Any] | None) -> None:
-        self.options = dict(storage_options or {})
-        self.given: Storage | None = None
-        self.owned: Storage | None = None
-        if isinstance(root_or_store, Storage):
-            if self.options:
-                raise TypeError("storage_options apply only when the checkpoint is given as a URL or path")
-            self.given = root_or_store
-        else:
-            self.owned = open_storage(root_or_store, **self.options)
-
-    @property
-    def store(self) -> Storage:
-        store = self.given or self.owned
-        assert store is not None
-        return store
-
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None) -> None:
-        if checkpoint_id is None or (self.owned is not None and str(checkpoint_id) == self.owned.url):
-            return
-        if self.given is not None:
-            raise ValueError(
-                f"this DCP storage object was built on {self.given!r}, a Storage object, so it cannot move to "
-                f"checkpoint_id={str(checkpoint_id)!r}; build one per checkpoint, or build it from a URL")
-        new = open_storage(checkpoint_id, **self.options)
-        if self.owned is not None:
-            self.owned.close()
-        self.owned = new
-
-    def close(self) -> None:
-        if self.owned is not None:
-            self.owned.close()
-            self.owned = None
-
-
-def _validate_checkpoint_id(checkpoint_id: str | os.PathLike[str]) -> bool:
-    return str(checkpoint_id).startswith(_SCHEMES)
-
-
-_L = TypeVar("_L", bound="_AtLocation")
-
-
-class _AtLocation:
-    """What the writer and the reader share: the store of one checkpoint location."""
-
-    _location: _Location
-
-    @property
-    def store(self) -> Storage:
-        return self._location.store
-
-    @property
-    def checkpoint_id(self) -> str:
-        """The URL of the checkpoint."""
-        return self.store.url
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return _validate_checkpoint_id(checkpoint_id)
-
-    def close(self) -> None:
-        self._location.close()
-
-    def __enter__(self: _L) -> _L:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class CloudStorageWriter(_AtLocation, StorageWriter):
+class CloudStorageWriter(AtLocation, StorageWriter):
     """A DCP StorageWriter that stores a checkpoint under a cloudckpt location (``s3://``, ``gs://``, a path ...).
 
     ``root_or_store`` is the checkpoint's own location (one per checkpoint), or a
@@ -200,7 +111,7 @@ class CloudStorageWriter(_AtLocation, StorageWriter):
         transfer: TransferConfig | None = None,
     ) -> None:
         super().__init__()
-        self._location = _Location(root_or_store, storage_options)
+        self._location = Location(root_or_store, storage_options)
         self.transfer = transfer or TransferConfig()
         self.save_id = str(uuid.uuid4())
         self.is_coordinator = False
@@ -239,45 +150,12 @@ class CloudStorageWriter(_AtLocation, StorageWriter):
         future.set_result(self._write(plan.items, planner))
         return future
 
-    def _write(self, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
-        tensors: list[torch.Tensor] = []
-        for item in items:
-            data = planner.resolve_data(item)
-            if item.type == WriteItemType.BYTE_IO:
-                if not isinstance(data, io.BytesIO):
-                    raise TypeError(f"{item.index.fqn}: the planner resolved a BYTE_IO item to {type(data).__name__}")
-                payload = bytearray(data.getbuffer())
-                tensor = torch.frombuffer(payload, dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
-            else:
-                if not isinstance(data, torch.Tensor):
-                    raise TypeError(f"{item.index.fqn}: the planner resolved a tensor item to {type(data).__name__}")
-                if data.dtype not in TENSOR_DTYPES.values() or data.layout != torch.strided:
-                    raise UnsupportedValue(f"{item.index.fqn}: a {data.dtype} {data.layout} tensor cannot be stored "
-                                           "as raw bytes")
-                tensor = host_copy(data)
-                expected = tuple(item.tensor_data.chunk.sizes) if item.tensor_data else tuple(tensor.shape)
-                if tuple(tensor.shape) != expected:
-                    raise ValueError(f"{item.index.fqn}: resolved shard has shape {tuple(tensor.shape)}, "
-                                     f"the plan says {expected}")
-            tensors.append(tensor)
-        uploaded = upload_tensors(self.store, tensors, self.transfer, {})
-        results = []
-        for item, entry in zip(items, uploaded.tensors):
-            used: dict[int, int] = {}
-            segments = []
-            for s in entry.segments:
-                local = used.setdefault(s.chunk_index, len(used))
-                segments.append(Segment(local, s.chunk_offset, s.tensor_offset, s.length))
-            location = ItemLocation(
-                kind="bytes" if item.type == WriteItemType.BYTE_IO else "tensor",
-                dtype=entry.dtype, shape=tuple(entry.shape), nbytes=entry.nbytes,
-                chunks=tuple(uploaded.chunks[c] for c in used), segments=tuple(segments),
-            )
-            results.append(WriteResult(index=item.index, size_in_bytes=entry.nbytes, storage_data=location))
-        stats = uploaded.stats
+    def _write(self, items: list, planner: SavePlanner) -> list[WriteResult]:
+        locations, stats = store_items(self.store, items, planner, self.transfer)
         log.info("rank %s: %d DCP items in %d chunks to %s (%.1f MiB uploaded)", self.rank, len(items),
                  stats.chunks_uploaded + stats.chunks_reused, self.store.url, stats.bytes_uploaded / 2**20)
-        return results
+        return [WriteResult(index=item.index, size_in_bytes=location.nbytes, storage_data=location)
+                for item, location in zip(items, locations)]
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Commit: write the metadata object create-only.  DCP calls this on the coordinator only,
@@ -298,7 +176,7 @@ class CloudStorageWriter(_AtLocation, StorageWriter):
 
 
 
-class CloudStorageReader(_AtLocation, StorageReader):
+class CloudStorageReader(AtLocation, StorageReader):
     """A DCP StorageReader for checkpoints written by :class:`CloudStorageWriter`.
 
     Every chunk is checked (size, CRC32C; and its BLAKE3 name with
@@ -322,7 +200,7 @@ class CloudStorageReader(_AtLocation, StorageReader):
         super().__init__()
         if allow_pickle not in (False, True, "weights_only"):
             raise ValueError(f"allow_pickle must be False, True or 'weights_only', got {allow_pickle!r}")
-        self._location = _Location(root_or_store, storage_options)
+        self._location = Location(root_or_store, storage_options)
         self.transfer = transfer or TransferConfig()
         self.allow_pickle = allow_pickle
         self.full_verify = full_verify
@@ -373,132 +251,19 @@ class CloudStorageReader(_AtLocation, StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        by_item: dict[MetadataIndex, list[ReadItem]] = {}
-        for request in plan.items:
-            by_item.setdefault(request.storage_index, []).append(request)
-        locations = {index: self.storage_data[index] for index in by_item}
-        uses: dict[str, int] = {}
-        refs: dict[str, ChunkRef] = {}
-        for location in locations.values():
-            for key in {location.chunks[s.chunk_index].key for s in location.segments}:
-                uses[key] = uses.get(key, 0) + 1
-            refs.update((location.chunks[s.chunk_index].key, location.chunks[s.chunk_index])
-                        for s in location.segments)
-        self._check_sizes(list(refs.values()))
-        fetcher = ChunkFetcher(self.store, self.transfer, full=self.full_verify)
-        cache = _ChunkCache(fetcher, uses)
-        planner_lock = threading.Lock()
-
-        def load(index: MetadataIndex) -> None:
-            location = locations[index]
-            stored = self._assemble(location, cache)
-            with planner_lock:
-                for request in by_item[index]:
-                    self._deliver(request, location, stored, planner)
-
-        try:
-            with ThreadPoolExecutor(max_workers=self.transfer.concurrency, thread_name_prefix="cloudckpt-dcp") as pool:
-                futures = [pool.submit(load, index) for index in locations]
-                try:
-                    for f in futures:
-                        f.result()
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
-        finally:
-            fetcher.close()
+        reader = ItemReader(self.store, self.transfer, full_verify=self.full_verify, bytes_check=self._check_bytes)
+        reader.read(plan.items, self.storage_data, planner, METADATA_KEY)
         done: Future[None] = Future()
         done.set_result(None)
         return done
 
-    def _check_sizes(self, refs: list[ChunkRef]) -> None:
-        def check(ref: ChunkRef) -> None:
-            where = f"{self.store.url}/{ref.key}"
+    def _check_bytes(self, fqn: str, payload: bytes) -> None:
+        if self.allow_pickle == "weights_only":
             try:
-                size = self.store.head(ref.key).size
-            except NotFound as exc:
-                raise CorruptCheckpoint(f"{where}: chunk is missing (referenced by {METADATA_KEY})") from exc
-            if size != ref.size:
-                raise CorruptCheckpoint(f"{where}: chunk has {size} bytes, {METADATA_KEY} says {ref.size}")
-
-        with ThreadPoolExecutor(max_workers=self.transfer.concurrency, thread_name_prefix="cloudckpt-head") as pool:
-            list(pool.map(check, refs))
-
-    def _assemble(self, location: ItemLocation, cache: _ChunkCache) -> torch.Tensor:
-        tensor = empty_from_record(TensorRecord(location.dtype, list(location.shape), "cpu", location.nbytes))
-        view = tensor_bytes(tensor)
-        by_chunk: dict[str, list[Segment]] = {}
-        for s in location.segments:
-            by_chunk.setdefault(location.chunks[s.chunk_index].key, []).append(s)
-        for segments in by_chunk.values():
-            ref = location.chunks[segments[0].chunk_index]
-            data = cache.get(ref)
-            try:
-                for s in segments:
-                    view[s.tensor_offset: s.tensor_offset + s.length] = data[s.chunk_offset: s.chunk_offset + s.length]
-            finally:
-                cache.release(ref)
-        return tensor
-
-    def _deliver(self, request: ReadItem, location: ItemLocation, stored: torch.Tensor, planner: LoadPlanner) -> None:
-        fqn = request.dest_index.fqn
-        if request.type == LoadItemType.BYTE_IO:
-            if location.kind != "bytes":
-                raise CorruptCheckpoint(f"{self.store.url}: {fqn!r} is a tensor in the checkpoint, not bytes")
-            payload = tensor_bytes(stored).tobytes()
-            if self.allow_pickle == "weights_only":
-                try:
-                    torch.load(io.BytesIO(payload), weights_only=True)
-                except Exception as exc:
-                    raise PickleNotAllowed(
-                        f"{self.store.url}: {fqn!r} is refused by torch's weights-only unpickler ({exc}); "
-                        "pass allow_pickle=True only if you trust this checkpoint") from exc
-            elif self.allow_pickle is not True:
-                raise PickleNotAllowed(f"{self.store.url}: {fqn!r} is a pickle; pass allow_pickle to load it")
-            planner.load_bytes(request, io.BytesIO(payload))
-            return
-        if location.kind != "tensor":
-            raise CorruptCheckpoint(f"{self.store.url}: {fqn!r} is stored as bytes, the plan reads a tensor")
-        source = stored
-        if len(request.storage_offsets) != source.dim() or len(request.lengths) != source.dim():
-            raise CorruptCheckpoint(f"{self.store.url}: {fqn!r}: the read covers {len(request.lengths)} "
-                                    f"dimensions of a {source.dim()}-dimensional shard")
-        for dim, (offset, length) in enumerate(zip(request.storage_offsets, request.lengths)):
-            source = source.narrow(dim, offset, length)
-        target = planner.resolve_tensor(request).detach()
-        if target.size() != source.size():
-            raise CorruptCheckpoint(f"{self.store.url}: {fqn!r}: the checkpoint gives a {tuple(source.shape)} "
-                                    f"block for a {tuple(target.shape)} destination")
-        target.copy_(source)
-        planner.commit_tensor(request, target)
-
-
-
-class _ChunkCache:
-    """Fetch each chunk once while items that share it (packed small items) are assembled."""
-
-    def __init__(self, fetcher: ChunkFetcher, uses: dict[str, int]) -> None:
-        self._fetcher = fetcher
-        self._uses = dict(uses)
-        self._futures: dict[str, _PyFuture] = {}
-        self._lock = threading.Lock()
-
-    def get(self, ref: ChunkRef) -> memoryview:
-        with self._lock:
-            future = self._futures.get(ref.key)
-            owner = future is None
-            if owner:
-                future = self._futures[ref.key] = _PyFuture()
-        if owner:
-            try:
-                future.set_result(self._fetcher.fetch(ref))
-            except BaseException as exc:  # noqa: BLE001
-                future.set_exception(exc)
-        return future.result()
-
-    def release(self, ref: ChunkRef) -> None:
-        with self._lock:
-            self._uses[ref.key] -= 1
-            if self._uses[ref.key] <= 0:
-                self._futures.pop(ref.key, None)
+                torch.load(io.BytesIO(payload), weights_only=True)
+            except Exception as exc:
+                raise PickleNotAllowed(
+                    f"{self.store.url}: {fqn!r} is refused by torch's weights-only unpickler ({exc}); "
+                    "pass allow_pickle=True only if you trust this checkpoint") from exc
+        elif self.allow_pickle is not True:
+            raise PickleNotAllowed(f"{self.store.url}: {fqn!r} is a pickle; pass allow_pickle to load it")

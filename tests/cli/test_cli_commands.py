@@ -8,6 +8,7 @@ from cli_helpers import NAMES, assert_one_line_error, invoke, make_run, run, run
 from gcs_helpers import drain_server_log
 
 import cloudckpt
+from cloudckpt.format.manifest import FORMAT_VERSION
 from cloudckpt.reader import load_manifest
 
 
@@ -56,13 +57,13 @@ def test_ls_show_verify_on_a_local_root(tmp_path, compression):
     assert by_name[NAMES[10]]["pinned"] and not by_name[NAMES[20]]["pinned"]
     assert by_name[NAMES[20]]["metrics"] == {"val_loss": 0.5} and by_name[NAMES[20]]["epoch"] == 2
 
-    assert "step          20" in show.stdout and "cloudckpt v3" in show.stdout
+    assert "step          20" in show.stdout and f"cloudckpt v{FORMAT_VERSION}" in show.stdout
     assert "best_model_val_loss" in show.stdout
     tensor_row = _row(show.stdout, "model/2.weight")
     assert tensor_row.split()[:3] == ["model/2.weight", "float32", "(8,"]
     assert "optimizer/state/0/momentum_buffer" in show.stdout
     summary = show_json.json()
-    assert summary["name"] == NAMES[30] and summary["step"] == 30 and summary["format_version"] == 3
+    assert summary["name"] == NAMES[30] and summary["step"] == 30 and summary["format_version"] == FORMAT_VERSION
     assert summary["compression"] == compression and summary["chunks"] >= 2 and summary["library_version"]
     tensors = {t["path"]: t for t in summary["tensors"]}
     assert tensors["model/0.weight"]["shape"] == [64, 16] and tensors["model/0.weight"]["dtype"] == "float32"

@@ -5,6 +5,7 @@ Shared by the tests and the worker: the deterministic states both sides rebuild.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -12,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ def free_port() -> int:
 
 
 def run_ranks(scenario: str, args: dict[str, Any], world_size: int = 2, timeout: float = 150,
-              may_die: tuple[int, ...] = ()) -> list[dict[str, Any] | None]:
+              may_die: tuple[int, ...] = (), worker: Path = WORKER) -> list[dict[str, Any] | None]:
     """Run ``scenario`` on ``world_size`` ranks; return each rank's result.
 
     Raises AssertionError, with the ranks' output, on a hang or when a rank not in
@@ -51,7 +54,7 @@ def run_ranks(scenario: str, args: dict[str, Any], world_size: int = 2, timeout:
             "OMP_NUM_THREADS": "1",
         }
         log = open(out / f"rank{rank}.log", "w")  # noqa: SIM115 (the child keeps it)
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, json.dumps(args), str(out)],
+        procs.append(subprocess.Popen([sys.executable, str(worker), scenario, json.dumps(args), str(out)],
                                       env=env, stdout=log, stderr=subprocess.STDOUT, cwd=out))
         log.close()
     deadline = time.monotonic() + timeout
@@ -109,3 +112,27 @@ def replicated_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     model(torch.randn(4, 16, generator=g)).sum().backward()
     optimizer.step()
     return model, optimizer
+
+
+def worker_main(scenarios: dict[str, Callable[[int, int, dict[str, Any]], dict[str, Any]]]) -> None:
+    """A worker's main: ``SCENARIO ARGS_JSON OUT_DIR``; RANK, WORLD_SIZE, MASTER_ADDR/PORT from the environment.
+
+    The scenario's result (JSON) goes to OUT_DIR/rank<N>.json; an unexpected
+    exception is recorded there too, so the test sees it.
+    """
+    import torch.distributed as dist
+
+    scenario, args, out_dir = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+                            timeout=datetime.timedelta(seconds=args.get("pg_timeout", 60)))
+    try:
+        result = scenarios[scenario](rank, world, args)
+    except BaseException as exc:  # noqa: BLE001
+        result = {"unexpected": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(result, default=str))
+    if "unexpected" not in result and not args.get("crash"):
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # no atexit / gloo teardown that could wait on a dead peer

@@ -1,25 +1,15 @@
-"""One rank of a distributed test: ``python dist_worker.py SCENARIO ARGS_JSON OUT_DIR``.
-
-RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT come from the environment.  The
-scenario's result (JSON) goes to OUT_DIR/rank<N>.json; an unexpected exception
-is recorded there too, so the test sees it.
-"""
+"""One rank of a distributed test: ``python dist_worker.py SCENARIO ARGS_JSON OUT_DIR`` (dist_helpers.worker_main)."""
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from dist_helpers import SMALL_CHUNKS, dcp_full_state, rank_shard, replicated_model
+from dist_helpers import SMALL_CHUNKS, dcp_full_state, rank_shard, replicated_model, worker_main
 
 from cloudckpt.distributed import (
     DistributedCheckpointError,
@@ -212,22 +202,5 @@ SCENARIOS = {
 }
 
 
-def main() -> None:
-    scenario, args, out_dir = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-                            timeout=datetime.timedelta(seconds=args.get("pg_timeout", 60)))
-    try:
-        result = SCENARIOS[scenario](rank, world, args)
-    except BaseException as exc:  # noqa: BLE001
-        result = {"unexpected": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(result, default=str))
-    if "unexpected" not in result and not args.get("crash"):
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # no atexit / gloo teardown that could wait on a dead peer
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(SCENARIOS)

@@ -1,10 +1,13 @@
-"""DistributedCheckpointManager: every rank uploads its own state, rank 0 commits one manifest.
+"""DistributedCheckpointManager: every rank stores its part, rank 0 commits one manifest listing the parts.
 
 Two-rank runs are gloo subprocesses (dist_worker.py); the in-process tests use a
 one-rank gloo group, which exercises the same code paths quickly.
 """
 
 from __future__ import annotations
+
+import datetime
+import json
 
 import pytest
 import torch
@@ -20,7 +23,9 @@ from cloudckpt.distributed import (
     WorldSizeMismatch,
 )
 from cloudckpt.errors import CorruptCheckpoint
+from cloudckpt.format.manifest import canonical_sha256
 from cloudckpt.reader import load_manifest
+from cloudckpt.sharding.whole import with_part_chunks
 from cloudckpt.state import RNG_KEY
 from cloudckpt.storage import MemoryStorage, open_storage
 from cloudckpt.storage.faults import Fault, FaultyStorage
@@ -70,7 +75,7 @@ def test_two_ranks_save_and_restore(two_ranks):
         assert part["second_stats"]["chunks_reused"] >= 1 and part["second_stats"]["chunks_uploaded"] >= 2
 
 
-def test_two_rank_checkpoint_is_an_ordinary_manifest(two_ranks):
+def test_one_process_reads_a_two_rank_checkpoint_whole(two_ranks):
     _, urls, options = two_ranks
     with CheckpointManager(urls["roundtrip"], storage_options=options) as mgr:
         assert [i.step for i in mgr.list()] == [10, 20]
@@ -117,7 +122,7 @@ def test_dead_rank_fails_the_others_instead_of_hanging(tmp_path):
 def test_world_size_mismatch_is_refused(two_ranks, one_rank):
     _, urls, options = two_ranks
     mgr = DistributedCheckpointManager(urls["roundtrip"], storage_options=options)
-    with pytest.raises(DistributedCheckpointError, match="saved by 2 ranks") as caught:
+    with pytest.raises(DistributedCheckpointError, match=r"\['shard'\] were saved per rank by 2 ranks") as caught:
         mgr.restore({"shard": torch.zeros(3000)})
     assert isinstance(caught.value.__cause__, WorldSizeMismatch)
 
@@ -131,8 +136,12 @@ def test_one_rank_roundtrip_and_manifest_layout(one_rank):
     info = mgr.save({"model": model, "extra": {"n": 1, "t": torch.ones(2)}}, step=3, metrics={"loss": 2.0})
     assert info.name == "checkpoint_step_00000003.ckpt" and info.pointers == ("latest.ckpt",)
     manifest = load_manifest(store, info.name)
-    assert manifest.config == {"lr": 0.1, CONFIG_KEY: {"world_size": 1, "replicated": ["model"]}}
-    assert set(manifest.state) == {"model", RANKS_KEY} and set(manifest.state[RANKS_KEY][0]) == {"extra", RNG_KEY}
+    assert manifest.config == {"lr": 0.1, CONFIG_KEY: {"world_size": 1, "replicated": ["model"],
+                                                       "resharded": {"model": "module"}, "per_rank": ["extra"]}}
+    assert manifest.format_version == 3 and manifest.tensors == [] and len(manifest.parts) == 1
+    part_keys = [o.key for o in store.list("parts/")]
+    assert part_keys == [manifest.parts[0].key(info.name)]
+    assert part_keys[0].startswith(f"parts/{manifest.parts[0].sha256[:2]}/{info.name}/r00000-")
     target = {"model": torch.nn.Linear(16, 8), "extra": {}}
     assert mgr.restore(target).step == 3
     assert torch.equal(target["model"].weight, model.weight)
@@ -144,8 +153,8 @@ def test_one_rank_fallback_to_previous_on_corruption(one_rank):
     mgr = DistributedCheckpointManager(store, transfer=SMALL_CHUNKS)
     mgr.save({"shard": rank_shard(0, 1)}, step=1)
     mgr.save({"shard": rank_shard(0, 2)}, step=2)
-    second = load_manifest(store, "checkpoint_step_00000002.ckpt")
-    first_keys = {c.key for c in load_manifest(store, "checkpoint_step_00000001.ckpt").chunks}
+    second = with_part_chunks(store, load_manifest(store, "checkpoint_step_00000002.ckpt"))
+    first_keys = {c.key for c in with_part_chunks(store, load_manifest(store, "checkpoint_step_00000001.ckpt")).chunks}
     store.delete([c.key for c in second.chunks if c.key not in first_keys])
     target = {"shard": torch.zeros(3000)}
     assert mgr.restore(target).step == 1
@@ -177,3 +186,91 @@ def test_one_rank_rejects_reserved_and_missing_keys(one_rank):
 def test_needs_an_initialized_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         DistributedCheckpointManager(MemoryStorage())
+
+
+def test_checkpoints_of_earlier_releases_still_restore(one_rank):
+    """Before parts, a distributed save was one ordinary manifest: replicated keys on top, each rank's
+    tree under RANKS_KEY, format version 2: written here by a plain manager with that layout."""
+    store = MemoryStorage()
+    model, _ = replicated_model()
+    with CheckpointManager(store, capture_rng=False,
+                           config={CONFIG_KEY: {"world_size": 1, "replicated": ["model"]}}) as old:
+        old.save({"model": model, RANKS_KEY: [{"shard": rank_shard(0, 1)}]}, step=7)
+    body = json.loads(store.get("checkpoint_step_00000007.ckpt"))
+    body["format_version"] = 2  # exactly what the earlier release wrote
+    body["manifest_sha256"] = canonical_sha256(body)
+    store.put("checkpoint_step_00000007.ckpt", json.dumps(body).encode())
+    target = {"model": torch.nn.Linear(16, 8), "shard": torch.zeros(3000)}
+    assert DistributedCheckpointManager(store, replicated=["model"]).restore(target).step == 7
+    assert torch.equal(target["model"].weight, model.weight) and torch.equal(target["shard"], rank_shard(0, 1))
+
+
+def test_dtensor_state(one_rank):
+    """A DTensor: one process cannot save it (a clear error, not a crash); the distributed manager can."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from cloudckpt.format.serialize import UnsupportedValue
+
+    mesh = init_device_mesh("cpu", (1,))
+    weight = distribute_tensor(torch.arange(12.0).reshape(4, 3), mesh, [Shard(0)])
+    with pytest.raises(UnsupportedValue, match=r"state\[\"w\"\]: a DTensor .*DistributedCheckpointManager"):
+        CheckpointManager(MemoryStorage()).save({"w": weight}, step=1)
+    store = MemoryStorage()
+    DistributedCheckpointManager(store).save({"w": weight, "step": 1}, step=1)
+    target = {"w": distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)])}
+    DistributedCheckpointManager(store).restore(target, keys=["w"])
+    assert torch.equal(target["w"].full_tensor(), torch.arange(12.0).reshape(4, 3))
+    loaded, _ = CheckpointManager(store).load()
+    assert torch.equal(loaded["w"], torch.arange(12.0).reshape(4, 3))
+
+
+def test_zombie_rank_from_before_a_preemption_changes_nothing(one_rank, moto_s3):
+    """A rank of the old job that wakes up after the restart: its late save of a step already committed
+    is refused (create-only), an older step never becomes latest (forward-only), and its stray part is
+    unreferenced: the restart's checkpoint restores as committed."""
+    url, options = f"s3://{moto_s3.new_bucket()}/run", {"endpoint_url": moto_s3.endpoint_url}
+    restarted = DistributedCheckpointManager(url, storage_options=options, replicated=["w"])
+    restarted.save({"w": torch.full((4,), 5.0)}, step=5)
+    zombie = DistributedCheckpointManager(url, storage_options=options, replicated=["w"])
+    with pytest.raises(DistributedCheckpointError, match="AlreadyExists") as caught:
+        zombie.save({"w": torch.full((4,), -1.0)}, step=5)
+    assert caught.value.failures.keys() == {0}
+    assert zombie.save({"w": torch.full((4,), 3.0)}, step=3).pointers == ()  # committed, latest not moved
+    store = open_storage(url, **options)
+    assert len([o for o in store.list("parts/") if "checkpoint_step_00000005" in o.key]) == 2  # one stray
+    target = {"w": torch.zeros(4)}
+    assert restarted.restore(target).step == 5 and torch.equal(target["w"], torch.full((4,), 5.0))
+
+
+def test_sweeper_keeps_what_parts_reference_and_removes_a_failed_save(one_rank):
+    """Chunks are referenced only through parts: retention must read them before it sweeps."""
+    from cloudckpt.retention import KeepLastN
+    from cloudckpt.sweeper import SweepConfig
+
+    inner = MemoryStorage()
+    faulty = FaultyStorage(inner)
+    mgr = DistributedCheckpointManager(faulty, retention=KeepLastN(1), cleanup=SweepConfig(grace=datetime.timedelta(0)),
+                                       transfer=SMALL_CHUNKS)
+    mgr.save({"shard": rank_shard(0, 1)}, step=1)
+    faulty.faults.append(Fault("put", kind="permanent", key_prefix="checkpoint_"))  # the commit fails
+    with pytest.raises(DistributedCheckpointError):
+        mgr.save({"shard": rank_shard(0, 2)}, step=2)
+    assert len(inner.list("parts/")) == 2  # step 2's part is garbage now
+    mgr.save({"shard": rank_shard(0, 3)}, step=3)  # retention removes step 1, then sweeps
+    names = [o.key for o in inner.list() if o.key.endswith(".ckpt") and "/" not in o.key]
+    assert names == ["checkpoint_step_00000003.ckpt", "latest.ckpt"]
+    parts = [o.key for o in inner.list("parts/")]
+    assert len(parts) == 1 and "checkpoint_step_00000003" in parts[0]
+    target = {"shard": torch.zeros(3000)}
+    assert mgr.restore(target).step == 3 and torch.equal(target["shard"], rank_shard(0, 3))
+    assert CheckpointManager(inner).verify().chunks_read >= 1
+
+
+def test_state_the_checkpoint_lacks_is_an_error_not_a_fallback(one_rank):
+    store = MemoryStorage()
+    mgr = DistributedCheckpointManager(store, replicated=["w", "progress"])
+    for step in (1, 2):
+        mgr.save({"w": torch.ones(3), "progress": {"x": step}}, step=step)
+    with pytest.raises(DistributedCheckpointError, match=r"checkpoint_step_00000002.*does not hold \['progress.y'\]"):
+        mgr.restore({"w": torch.zeros(3), "progress": {"y": 0}})

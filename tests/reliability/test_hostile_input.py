@@ -37,6 +37,7 @@ from cloudckpt import (
 )
 from cloudckpt.format.dtypes import TENSOR_DTYPES
 from cloudckpt.format.manifest import (
+    FORMAT_VERSION,
     REASONS,
     ChunkRef,
     Manifest,
@@ -216,7 +217,7 @@ CRAFTED: dict[str, Callable[[dict], Any]] = {
         b["chunks"][0].__setitem__("raw_size", b["chunks"][0]["size"] + 10**6),
         b["tensors"][0]["segments"].__setitem__(-1, [0, b["chunks"][0]["size"], *b["tensors"][0]["segments"][-1][2:]])),
     "hash field not the key's hash": lambda b: b["chunks"][0].__setitem__("hash", "ab" * 32),
-    "future format version": lambda b: b.__setitem__("format_version", 4),
+    "future format version": lambda b: b.__setitem__("format_version", FORMAT_VERSION + 1),
     "naive created time": lambda b: b.__setitem__("created", "2024-01-01T00:00:00"),
     "step is a string": lambda b: b.__setitem__("step", "2"),
     "shape is a dict": lambda b: b["tensors"][0].__setitem__("shape", {"0": 120}),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import http.client
-import io
 import logging
 import threading
 from collections.abc import Iterable, Iterator
@@ -53,6 +52,7 @@ from .base import (
     check_range,
 )
 from .lifecycle import EXPIRED_TAG_KEY, EXPIRED_TAG_VALUE
+from .s3_body import body_of, read_body_into
 from .s3_errors import Call, error_for_code, precondition_error, translate_error
 
 __all__ = ["S3Storage", "translate_error"]
@@ -85,69 +85,6 @@ def _full_object_crc32c(response: dict[str, Any]) -> str | None:
     if not value or "-" in value or response.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
         return None
     return crc32c_hex_from_b64(value)
-
-
-class _BufferReader(io.RawIOBase):
-    """A seekable read-only file over a buffer: botocore streams it block by block, and every
-    block it gets is a slice of the caller's memory, never a copy of it."""
-
-    def __init__(self, data: Buffer) -> None:
-        super().__init__()
-        self._view = memoryview(data).cast("B")
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> memoryview:  # type: ignore[override]
-        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
-        block = self._view[self._pos:end]
-        self._pos = max(self._pos, end)
-        return block
-
-    def readinto(self, buffer: Any) -> int:
-        target = memoryview(buffer).cast("B")
-        block = self.read(len(target))
-        target[: len(block)] = block
-        return len(block)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-
-def _read_body_into(body: Any, target: memoryview) -> int:
-    """Fill ``target`` from a GetObject body; straight from the socket when the body is not encoded.
-
-    urllib3's own ``readinto`` reads into a new ``bytes`` and copies it; reading through the
-    http.client response beneath it lands the bytes in ``target`` without that copy.
-    """
-    raw = getattr(body, "_raw_stream", None)
-    socket_reader = getattr(raw, "_fp", None)
-    direct = (socket_reader is not None and hasattr(socket_reader, "readinto")
-              and not raw.headers.get("content-encoding"))
-    read = socket_reader.readinto if direct else body.readinto
-    filled = 0
-    while filled < len(target):
-        got = read(target[filled:])
-        if not got:
-            break
-        filled += got
-    if direct and socket_reader.isclosed():  # drained: the connection goes back to the pool for reuse
-        raw.release_conn()
-    return filled
-
-
-def _body(data: Buffer) -> bytes | bytearray | _BufferReader:
-    """A request body botocore accepts, without copying ``data``."""
-    return data if isinstance(data, (bytes, bytearray)) else _BufferReader(data)
 
 
 def _make_client(endpoint_url: str | None, region: str | None, profile: str | None,
@@ -234,7 +171,7 @@ class S3Storage(Storage):
         crc = crc32c_b64(data)
         with self._translated("put", full, mode):
             response = self._client.put_object(
-                Bucket=self.bucket, Key=full, Body=_body(data),
+                Bucket=self.bucket, Key=full, Body=body_of(data),
                 ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc, **conditions,
             )
         return ObjectInfo(key=key, size=size, token=response["ETag"], crc32c=crc32c_hex_from_b64(crc))
@@ -276,7 +213,7 @@ class S3Storage(Storage):
                     raise CorruptCheckpoint(f"s3://{self.bucket}/{full}: asked for bytes from {offset}, the store "
                                             f"answered with {response.get('ContentRange')!r}")
                 try:
-                    return _read_body_into(body, target)
+                    return read_body_into(body, target)
                 except (OSError, http.client.HTTPException) as exc:
                     raise TransientError(f"s3://{self.bucket}/{full}: reading bytes from {offset} failed ({exc}); "
                                          "retry") from exc
@@ -455,7 +392,7 @@ class _S3Upload(MultipartUpload):
         with self._store._translated(f"upload part {number} of", self._full):
             response = self._store._client.upload_part(
                 Bucket=self._store.bucket, Key=self._full, UploadId=self._upload_id, PartNumber=number,
-                Body=_body(data), ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc,
+                Body=body_of(data), ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc,
             )
         with self._lock:
             self._parts[number] = _Part(response["ETag"], crc, memoryview(data).nbytes)

@@ -79,8 +79,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.sizes = [float(s) for s in args.sizes.split(",") if s.strip()]
     if args.quick:
-        args.sizes, args.small_mib, args.repeats = [8], 4, 1
-        args.train_steps, args.train_every = 4, 2
+        args.sizes, args.small_mib, args.repeats, args.fsspec_max_mib = [8], 4, 1, 0
+        args.train_steps, args.train_every = 2, 1
     if args.big:
         args.sizes.append(4096)
     unknown = [c for c in args.cases.split(",") if c.strip() and c.strip() not in CASES]

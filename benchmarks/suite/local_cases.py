@@ -135,7 +135,7 @@ def run_incremental(bench, size_mib: float, *, finetune: bool) -> None:
 def run_training(bench, size_mib: float) -> None:
     """Slowdown of a real training loop that checkpoints every K steps (async and sync, local disk)."""
     work = Workload(size_mib, seed=4)
-    work.batch = torch.randn(256, work.dim)
+    work.batch = torch.randn(32, work.dim)
     every, steps = bench.args.train_every, bench.args.train_steps
     setting = f"training {work.nbytes / MiB:.0f} MiB"
 

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_the_quick_benchmark_run_produces_every_table(tmp_path):
     out = tmp_path / "results"
     done = subprocess.run(

@@ -30,13 +30,13 @@ _CHILD = r"""
 import json, os, sys, time
 sys.path[:0] = [sys.argv[4], os.path.join(sys.argv[4], "benchmarks")]
 import torch, cloudckpt
-from run import build_state
+from suite.workload import Workload
 
 root, size_mib, report = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 options = json.loads(os.environ.get("BENCH_STORAGE_OPTIONS", "{}"))
-model, optimizer, nbytes = build_state(size_mib)
-tokens = torch.randint(0, model.embed.num_embeddings, (2, 16))
-data = [(tokens,)] * 1000
+work = Workload(size_mib)
+model, optimizer, nbytes = work.model, work.optimizer, work.nbytes
+data = [(torch.randn(2, work.dim),)] * 1000
 
 class Report(cloudckpt.Callback):
     def on_step_end(self, trainer, step, logs):
@@ -45,7 +45,7 @@ class Report(cloudckpt.Callback):
 
 callback = cloudckpt.CheckpointCallback(root, save_frequency=None, save_best=False, save_every_n_steps=3,
                                         async_save=True, preemption=True, storage_options=options or None)
-loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]).flatten(0, 1), b[0].flatten())
+loss = lambda m, b: m(b[0]).square().mean()
 trainer = cloudckpt.Trainer(model, optimizer, data, loss, callbacks=[Report(), callback], max_epochs=1)
 try:
     trainer.fit()

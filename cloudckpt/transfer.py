@@ -23,11 +23,15 @@ class TransferConfig:
         re-uploads one small pack, not a 64 MiB one.  ``pack_size`` defaults to
         4 MiB (bounded by ``pack_threshold`` and ``chunk_size``).
     concurrency
-        Chunks (and multipart parts / ranged reads) in flight at once.  Memory
-        in flight is bounded by about ``concurrency * chunk_size``.
+        Requests in flight at once: chunks uploaded in parallel (a multipart
+        chunk sends up to a quarter of this many parts at a time) and ranged
+        reads.  Object stores cap each connection (about 25-100 MB/s), so
+        throughput comes from many connections.  Memory in flight is bounded
+        by about ``concurrency * chunk_size``.
     multipart_threshold, part_size
         Chunks larger than the threshold are uploaded as multipart objects in
-        ``part_size`` parts (the backend's default part size when None).
+        ``part_size`` parts (the backend's default part size when None: 8 MiB
+        for S3), so one chunk travels over several connections at once.
     range_size
         Downloads of chunks larger than this are split into parallel ranged GETs.
     compression, compression_level
@@ -42,10 +46,10 @@ class TransferConfig:
     chunk_size: int = 64 * MiB
     pack_threshold: int = 1 * MiB
     pack_size: int | None = None
-    concurrency: int = 8
-    multipart_threshold: int = 32 * MiB
+    concurrency: int = 16
+    multipart_threshold: int = 16 * MiB
     part_size: int | None = None
-    range_size: int = 16 * MiB
+    range_size: int = 8 * MiB
     verify: Literal["store", "read-back"] = "store"
     compression: Literal["none", "zstd"] = "none"
     compression_level: int = 1

@@ -94,7 +94,7 @@ class ChunkUploader:
         if ref.size > self.transfer.multipart_threshold:
             info = upload_multipart(
                 self.store, ref.key, data,
-                part_size=self.transfer.part_size, concurrency=self.transfer.concurrency,
+                part_size=self.transfer.part_size, concurrency=max(2, self.transfer.concurrency // 4),
             )
         else:
             info = self.store.put(ref.key, data)

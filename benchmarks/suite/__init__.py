@@ -1,0 +1,1 @@
+"""The pieces of ``benchmarks/run.py``: workload, measuring, servers, contenders, cases, report."""

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
-import json
 import logging
 import os
 import threading
@@ -12,27 +10,27 @@ from typing import Any, Callable, Literal, Mapping, MutableMapping, TypeVar
 
 import torch
 
-from . import run_index
-from .aside import expired_superseded, quarantine, set_aside_unreadable, supersede
+from .aside import quarantine, set_aside_unreadable, supersede
 from .branching import Position, RollbackReport, apply_fork, commit, plan, rollback
 from .catalog import UNUSABLE, Catalog, CheckpointInfo
 from .errors import CloudCkptError, CorruptCheckpoint, NotFound
 from .format.manifest import ChunkRef, Lineage, Manifest, check_manifest_name
 from .format.serialize import flatten
+from .housekeeping import Housekeeping
 from .loading import load_state, plain
 from .pipeline import BackgroundSaver, SaveHandle
 from .restore import apply_state, select
 from .post_commit import check_manager_config, report_failure, run_after_commit
-from .pointers import STATE_KEY, is_pointer_key, update_json
+from .pointers import is_pointer_key
 from .reader import ReadStats, verify_chunks
-from .resolver import Resolver, Which, is_junk
-from .retention import RetentionContext, as_policy, superseded_days
+from .resolver import Resolver, Which
+from .retention import as_policy
 from .saving import checkpoint_metadata, metric_value, pointer_steps, with_rng
 from .snapshot import HostBufferPool, Snapshot
 from .state import RNG_KEY, RNGState
 from .storage import Storage, open_storage
 from .storage.capabilities import check_option, check_writable
-from .sweeper import SweepConfig, Sweeper, SweepReport, referenced_chunks
+from .sweeper import SweepConfig, Sweeper
 from .timeline import read_live
 from .transaction import restore_checkpoint
 from .transfer import TransferConfig
@@ -44,7 +42,7 @@ T = TypeVar("T")
 __all__ = ["CheckpointInfo", "CheckpointManager", "RollbackReport", "metric_value"]
 
 
-class CheckpointManager:
+class CheckpointManager(Housekeeping):
     """Saves and restores the complete training state under one root (``s3://``, ``gs://``, a path...).
 
     >>> mgr = CheckpointManager("memory://", monitor="val_loss", mode="min")
@@ -404,95 +402,6 @@ class CheckpointManager:
             manifest = with_part_chunks(self.store, manifest)
         return verify_chunks(self.store, manifest, self.transfer)
 
-    # -- retention -------------------------------------------------------------
-    def prune(self, *, dry_run: bool = False) -> SweepReport:
-        """Apply the retention policy now: remove checkpoints it does not keep, then sweep garbage.
-
-        Only live checkpoints count; the ones named by a pointer (latest, best) or pinned are
-        always kept.  Superseded checkpoints go only by a ``KeepSuperseded(days=N)`` policy.
-        Without a retention policy nothing is removed, but garbage chunks (from failed saves,
-        and those only quarantined manifests used) are still swept.  ``dry_run`` only reports.
-        """
-        self._check_open()
-        if not dry_run:
-            self._open_for_writing()
-        report = SweepReport(cleanup=self.sweeper.config.cleanup, dry_run=dry_run)
-        with self._lock:
-            view = self.resolver.view()
-            if not dry_run:
-                for manifest in view.stragglers():  # left by a crash mid-fork or a zombie: finish the move
-                    supersede(self.store, manifest.name, manifest.lineage.timeline, view.tokens.get(manifest.name))
-            infos = view.infos()
-            protected = {i.name for i in infos if i.pointers} | self.pinned()
-            policy = self.retention or as_policy(None)
-            keep = policy(infos, RetentionContext(self.monitor, self.mode)) | protected
-            doomed = {i.name for i in infos if i.name not in keep}
-            days = superseded_days(self.retention)
-            if days is not None:
-                doomed |= set(expired_superseded(self.store, _dt.timedelta(days=days), self.sweeper.config.clock()))
-            self.remove(doomed, report)
-            try:
-                self.sweeper.sweep_chunks(lambda: self._referenced(exclude=doomed), report)
-            except _UnreadableManifest as exc:
-                log.warning("chunks not swept: %s", exc)
-            self.sweeper.abort_stale_uploads(report)
-        return report
-
-    def remove(self, keys: set[str], report: SweepReport) -> None:
-        """Delete the manifests ``keys`` (live names or ``superseded/`` keys) and forget them."""
-        self.sweeper.remove_checkpoints(keys, report)
-        if keys and not report.dry_run:
-            self.catalog.forget(keys)
-            names = {k for k in keys if "/" not in k}
-            if names:
-                update_json(self.store, STATE_KEY, lambda body: run_index.forget(body, names))
-
-    def _referenced(self, exclude: set[str]) -> set[str]:
-        manifests = []
-        for key in self.catalog.names() + self.catalog.superseded_keys():
-            if key in exclude:
-                continue
-            try:
-                manifests.append(self.catalog.manifest(key))
-            except UNUSABLE as exc:
-                if "/" not in key and is_junk(self.store, key):
-                    continue  # not a manifest: it references nothing
-                raise _UnreadableManifest(
-                    f"{self.store.url}/{key} cannot be read ({exc}); its chunks cannot be told apart "
-                    "from garbage, so nothing is deleted until it is quarantined "
-                    f"(`cloudckpt verify {self.store.url} --all --repair`) or removed"
-                ) from exc
-        return referenced_chunks(manifests, self.store)
-
-    def delete(self, name: str) -> None:
-        """Remove one checkpoint now: its manifest goes (the checkpoint ceases to exist); its chunks
-        are swept later, once no other checkpoint uses them.  A pointer naming it is left to dangle
-        (readers fall back to the newest checkpoint that exists)."""
-        self._check_open()
-        self._open_for_writing()
-        self.wait()
-        name = check_manifest_name(name)
-        with self._lock:
-            named_by = [k for k, p in self.catalog.pointers().items() if p.target == name]
-            if named_by:
-                log.warning("deleting %s, which %s names", name, " and ".join(named_by))
-            self.remove({name}, SweepReport(cleanup=self.sweeper.config.cleanup))
-
-    def pinned(self) -> set[str]:
-        """Checkpoints pinned with :meth:`pin`; retention keeps them."""
-        try:
-            body = json.loads(self.store.get(STATE_KEY))
-        except (NotFound, ValueError, RecursionError):
-            return set()
-        return run_index.pins(body) if isinstance(body, dict) else set()
-
-    def pin(self, name: str, pinned: bool = True) -> None:
-        """Pin (or, with ``pinned=False``, unpin) a checkpoint so that retention never removes it."""
-        self._open_for_writing()
-        if pinned:
-            self.catalog.manifest(check_manifest_name(name))  # only existing checkpoints can be pinned
-        update_json(self.store, STATE_KEY, lambda body: run_index.set_pin(body, name, pinned))
-
     # -- lifecycle -------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> None:
         """Block until every save so far is committed; raise the error of one that failed.
@@ -541,8 +450,4 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.store.url!r})"
-
-
-class _UnreadableManifest(CloudCkptError):
-    pass
 

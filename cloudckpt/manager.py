@@ -147,7 +147,8 @@ class CheckpointManager:
             log.info("committed %s/%s on timeline %s: %d chunks uploaded (%.1f MiB), %d reused (%.1f MiB)",
                      self.store.url, name, manifest.lineage.timeline, stats.chunks_uploaded,
                      stats.bytes_uploaded / 2**20, stats.chunks_reused, stats.bytes_reused / 2**20)
-            return self.after_commit(manifest, stats, token=token)
+            live = [m for m in todo.view.live_manifests() if m.name != manifest.name] + [manifest]
+            return self.after_commit(manifest, stats, token=token, live=live)
 
     def prepare_lineage(self) -> Lineage:
         """The lineage of the next checkpoint this manager commits, forking a new timeline first if the
@@ -158,7 +159,7 @@ class CheckpointManager:
             return apply_fork(self.store, todo) if todo.fork_point is not None else todo.lineage
 
     def after_commit(self, manifest: Manifest, stats: WriteStats | None = None, *,
-                     token: str | None = None) -> CheckpointInfo:
+                     token: str | None = None, live: list[Manifest] | None = None) -> CheckpointInfo:
         """Everything that follows a commit: pointers, the run's index, retention.
 
         For writers that commit manifests themselves (e.g. ``cloudckpt.distributed``).  A checkpoint
@@ -167,14 +168,13 @@ class CheckpointManager:
         with self._lock:
             self.catalog.remember(manifest, token)
             self._position = Position.saved(manifest)
-            live = read_live(self.store)
-            if not live.is_live(manifest):
+            if not read_live(self.store).is_live(manifest):
                 log.warning("%s/%s was committed, but its timeline %s was abandoned meanwhile (a rollback); it "
                             "is superseded and moves no pointer", self.store.url, manifest.name,
                             manifest.lineage.timeline)
                 supersede(self.store, manifest.name, manifest.lineage.timeline, token)
                 return CheckpointInfo.of(manifest, (), stats, superseded=True)
-            pointers = self._move_pointers(manifest)
+            pointers = self._move_pointers(manifest, live)
             if self.retention is not None:
                 try:
                     self.prune()
@@ -188,8 +188,10 @@ class CheckpointManager:
         retention may have removed a checkpoint since the last save)."""
         return {c.key: c for m in self.catalog.readable(self.catalog.names()) for c in m.chunks}
 
-    def _move_pointers(self, manifest: Manifest) -> tuple[str, ...]:
-        return move_pointers(self.store, manifest, lambda: self.resolver.view(pointers=False).live_manifests(),
+    def _move_pointers(self, manifest: Manifest, live: list[Manifest] | None) -> tuple[str, ...]:
+        # ``live``: the save's own listing plus its checkpoint, instead of listing again
+        return move_pointers(self.store, manifest,
+                             lambda: live if live is not None else self.resolver.view(pointers=False).live_manifests(),
                              monitor=self.monitor, mode=self.mode, top_k=self.top_k)
 
     # -- timelines -------------------------------------------------------------

@@ -190,9 +190,11 @@ class CheckpointManager:
 
     def _move_pointers(self, manifest: Manifest, live: list[Manifest] | None) -> tuple[str, ...]:
         # ``live``: the save's own listing plus its checkpoint, instead of listing again
-        return move_pointers(self.store, manifest,
-                             lambda: live if live is not None else self.resolver.view(pointers=False).live_manifests(),
-                             monitor=self.monitor, mode=self.mode, top_k=self.top_k)
+        def listed() -> list[Manifest]:
+            return self.resolver.view(pointers=False).live_manifests()
+
+        return move_pointers(self.store, manifest, (lambda: live) if live is not None else listed,
+                             monitor=self.monitor, mode=self.mode, top_k=self.top_k, live_now=listed)
 
     # -- timelines -------------------------------------------------------------
     def rollback(self, to: Which, *, dry_run: bool = False) -> RollbackReport:

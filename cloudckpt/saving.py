@@ -74,17 +74,18 @@ def checkpoint_metadata(*, step: int, epoch: int | None, reason: str, metrics: M
 
 
 def move_pointers(store: Storage, manifest: Manifest, committed: Callable[[], list[Manifest]], *, monitor: str | None,
-                  mode: str, top_k: int) -> tuple[str, ...]:
+                  mode: str, top_k: int, live_now: Callable[[], list[Manifest]] | None = None) -> tuple[str, ...]:
     """After ``manifest`` is committed: advance ``latest``, promote the best, record it in the index.
 
-    ``committed()`` lists the live checkpoints (those that count for the best, and the only ones
-    a pointer may keep naming); it is called only when needed.
+    ``committed()`` lists the live checkpoints that count for the best; ``live_now()`` (default:
+    ``committed``) lists them afresh, to tell whether a pointer names one that is no longer live.
+    Both are called only when needed.
     """
     live: list[set[str]] = []
 
     def stale(old: Pointer) -> bool:
         if not live:
-            live.append({m.name for m in committed()})
+            live.append({m.name for m in (live_now or committed)()})
         return old.target not in live[0]
 
     moved = []

@@ -157,7 +157,8 @@ class CheckpointManager(Housekeeping):
             log.info("committed %s/%s on timeline %s: %d chunks uploaded (%.1f MiB), %d reused (%.1f MiB)",
                      self.store.url, name, manifest.lineage.timeline, stats.chunks_uploaded,
                      stats.bytes_uploaded / 2**20, stats.chunks_reused, stats.bytes_reused / 2**20)
-            return self.after_commit(manifest, stats, token=token)
+            live = [m for m in todo.view.live_manifests() if m.name != manifest.name] + [manifest]
+            return self.after_commit(manifest, stats, token=token, live=live)
 
     def prepare_lineage(self) -> Lineage:
         """The lineage of the next checkpoint this manager commits, forking a new timeline first if the
@@ -168,7 +169,7 @@ class CheckpointManager(Housekeeping):
             return apply_fork(self.store, todo) if todo.fork_point is not None else todo.lineage
 
     def after_commit(self, manifest: Manifest, stats: WriteStats | None = None, *,
-                     token: str | None = None) -> CheckpointInfo:
+                     token: str | None = None, live: list[Manifest] | None = None) -> CheckpointInfo:
         """Everything that follows a commit: pointers, the run's index, retention.
 
         For writers that commit manifests themselves (e.g. ``cloudckpt.distributed``).  A checkpoint
@@ -182,22 +183,28 @@ class CheckpointManager(Housekeeping):
             self.catalog.remember(manifest, token)
             self._position = Position.saved(manifest)
             try:
-                live = read_live(self.store).is_live(manifest)
+                is_live = read_live(self.store).is_live(manifest)
             except Exception as exc:  # the checkpoint is committed: report, do not fail the save
                 problem = report_failure(manifest.name, "reading the live timeline", exc)
                 return dataclasses.replace(CheckpointInfo.of(manifest, (), stats), problems=(problem,))
-            if not live:
+            if not is_live:
                 log.warning("%s/%s was committed, but its timeline %s was abandoned meanwhile (a rollback); it "
                             "is superseded and moves no pointer", self.store.url, manifest.name,
                             manifest.lineage.timeline)
                 supersede(self.store, manifest.name, manifest.lineage.timeline, token)
                 return CheckpointInfo.of(manifest, (), stats, superseded=True)
-            steps = pointer_steps(self.store, manifest, lambda: self.resolver.view(pointers=False).live_manifests(),
-                                  monitor=self.monitor, mode=self.mode, top_k=self.top_k, moved=moved)
+            listed = self._live_manifests
+            # ``live``: the save's own listing plus its checkpoint, instead of listing again
+            steps = pointer_steps(self.store, manifest, (lambda: live) if live is not None else listed,
+                                  monitor=self.monitor, mode=self.mode, top_k=self.top_k, moved=moved,
+                                  live_now=listed)
             if self.retention is not None:
                 steps.append(("retention", self.prune))
             problems = run_after_commit(manifest.name, steps)
         return dataclasses.replace(CheckpointInfo.of(manifest, tuple(moved), stats), problems=problems)
+
+    def _live_manifests(self) -> list[Manifest]:
+        return self.resolver.view(pointers=False).live_manifests()
 
     def known_chunks(self) -> dict[str, ChunkRef]:
         """Chunks of the checkpoints committed right now (listed afresh: another writer's

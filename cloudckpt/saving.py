@@ -77,19 +77,21 @@ def checkpoint_metadata(*, step: int, epoch: int | None, reason: str, metrics: M
 
 
 def pointer_steps(store: Storage, manifest: Manifest, committed: Callable[[], list[Manifest]], *,
-                  monitor: str | None, mode: str, top_k: int, moved: list[str]) -> list[Step]:
+                  monitor: str | None, mode: str, top_k: int, moved: list[str],
+                  live_now: Callable[[], list[Manifest]] | None = None) -> list[Step]:
     """The steps after ``manifest`` is committed: advance ``latest``, promote the best, record it in
     the index.  Each step appends the pointer it moved to ``moved``; the caller runs them one by one
     so that a failure of one is reported without skipping the others.
 
-    ``committed()`` lists the live checkpoints (those that count for the best, and the only ones
-    a pointer may keep naming); it is called only when needed, at most once.
+    ``committed()`` lists the live checkpoints that count for the best; ``live_now()`` (default:
+    ``committed``) lists them afresh, to tell whether a pointer names one that is no longer live.
+    Both are called only when needed, at most once.
     """
     live: list[set[str]] = []
 
     def stale(old: Pointer) -> bool:
         if not live:
-            live.append({m.name for m in committed()})
+            live.append({m.name for m in (live_now or committed)()})
         return old.target not in live[0]
 
     def latest() -> None:

@@ -76,7 +76,7 @@ class RootListing:
     def warnings(self) -> list[str]:
         stale = [f"pointer {k} -> {p.target}, which is not a live checkpoint (readers use "
                  f"{(self._resolved_for(k) or 'nothing')})" for k, p in sorted(self.view.pointers.items())
-                 if p.target not in self.view.live_names()]
+                 if p.target not in self.view.live_names() and k != LATEST_POINTER]  # the resolver said it
         return stale + [f"{name}: {error}" for name, (_, error) in self.unreadable.items()]
 
     def _resolved_for(self, key: str) -> str | None:

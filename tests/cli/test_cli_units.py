@@ -29,6 +29,10 @@ from cloudckpt.reader import load_manifest
     ("file:///x.ckpt", ("file:///", "x.ckpt")),
     ("x.ckpt", (".", "x.ckpt")),
     ("run", ("run", None)),
+    ("s3://b/runs/exp@best", ("s3://b/runs/exp", "best")),
+    ("gs://b/runs/exp@checkpoint_step_00000010.ckpt", ("gs://b/runs/exp", "checkpoint_step_00000010.ckpt")),
+    ("/data/run@300", ("/data/run", "300")),
+    ("/data/run@timeline:t-5f0c2a9b1e7d", ("/data/run", "timeline:t-5f0c2a9b1e7d")),
 ])
 def test_split_target(target, expected):
     assert split_target(target) == expected

@@ -108,13 +108,16 @@ def test_sigkill_at_random_moments_never_exposes_a_partial_checkpoint(backend, t
         target = blank()
         try:
             info = mgr.restore(target)
-            assert info is not None and same_state(target, state(info.step)), info
+            # an empty root is right only while no save was reported durable (a kill before the first commit)
+            assert (info is None and durable == 0) or (info is not None and same_state(target, state(info.step))), info
         except Exception as exc:  # noqa: BLE001 - counted
             failed += 1
             problems.append(f"kill {round_}: restore failed: {type(exc).__name__}: {exc}")
             continue
         finally:
             mgr.close()
+        if info is None:
+            continue
         if info.step < durable:
             lost += 1
             problems.append(f"kill {round_}: latest is step {info.step}, but step {durable} was reported durable")

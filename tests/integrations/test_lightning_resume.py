@@ -33,8 +33,8 @@ def _keep_torch_determinism_setting():
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
 
 
-def _fit(root, max_epochs: int, ckpt_path=None, **callback_options):
-    L.seed_everything(0, workers=True)
+def _fit(root, max_epochs: int, ckpt_path=None, seed: int = 0, **callback_options):
+    L.seed_everything(seed, workers=True)
     model = job.TinyModule()
     train, val = job.loaders()
     callback = CloudCheckpointCallback(root, monitor="val_loss", **callback_options)
@@ -77,8 +77,10 @@ def test_a_fresh_start_on_a_used_root_is_refused_and_deletes_nothing(tmp_path):
     root = tmp_path / "run"
     _fit(root, max_epochs=1)
     before = _manifests(root)
+    _fit(root, max_epochs=1)  # the same run again, bit for bit: its checkpoints are already saved (a no-op)
+    assert _manifests(root) == before
     with pytest.raises(AlreadyExists, match=r'checkpoint_epoch_0001\.ckpt is already committed.*ckpt_path="last"'):
-        _fit(root, max_epochs=1)  # forgot ckpt_path: trains from step 0 and reaches an existing name
+        _fit(root, max_epochs=1, seed=1)  # forgot ckpt_path: trains other weights and reaches an existing name
     assert _manifests(root) == before
 
 

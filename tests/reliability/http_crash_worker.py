@@ -7,9 +7,7 @@ counted and any one can be the last:
            (which removes step 1) and move the pointers and the index
 ``prune``  a retention prune with KeepLastN(1): removes step 1 and sweeps its chunks
 ``cp``     ``cloudckpt cp SRC DST`` of every checkpoint (the command line, in process)
-
-A rollback (from the timelines work) is to be added here as one more operation, with its
-expectation in test_http_crash.EXPECTED.
+``rollback`` ``cloudckpt rollback ROOT@1``: step 2 is superseded, step 1 is where the run resumes
 
 It appends ``done`` or ``error ...`` to a progress file when it gets that far.
 """
@@ -45,6 +43,14 @@ def _cp(options: dict[str, Any]) -> None:
               "--endpoint-url", options["endpoint"], "--no-progress"], standalone_mode=False)
 
 
+def _rollback(options: dict[str, Any]) -> None:
+    from cloudckpt.cli import cli
+
+    scheme = "s3" if options["flavor"] == "s3" else "gs"
+    cli.main(["rollback", f"{scheme}://{options['bucket']}/{options['prefix']}@1",
+              "--endpoint-url", options["endpoint"]], standalone_mode=False)
+
+
 def _warm_up() -> None:
     """Build one client of each SDK in the fork server, so that forked children find botocore's
     service models and google's discovery already loaded."""
@@ -55,7 +61,8 @@ def _warm_up() -> None:
 
 _warm_up()
 
-OPERATIONS: dict[str, Callable[[dict[str, Any]], None]] = {"save": _save, "prune": _prune, "cp": _cp}
+OPERATIONS: dict[str, Callable[[dict[str, Any]], None]] = {"save": _save, "prune": _prune, "cp": _cp,
+                                                               "rollback": _rollback}
 
 
 def main(options: dict[str, Any]) -> None:

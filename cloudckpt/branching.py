@@ -115,11 +115,15 @@ def apply_fork(store: Storage, todo: Plan) -> Lineage:
     record = fork(store, todo.fork_point, seen, [m.name for m in todo.abandoned], todo.view.live)
     todo.new_record = record
     log.warning("%s: %s", store.url, describe_fork(todo.fork_point, todo.abandoned))
-    for manifest in todo.abandoned + todo.view.stragglers():
-        supersede(store, manifest.name, manifest.lineage.timeline, todo.view.tokens.get(manifest.name))
     point = todo.fork_point
     if not point.live and point.name is not None and point.timeline is not None:
         _bring_back(store, point.name, point.timeline)
+    if point.name is not None:
+        # Before anything is moved aside: a crash from here on leaves latest.ckpt naming a live
+        # checkpoint (the fork point), never one that has just left the top of the root.
+        force_pointer(store, LATEST_POINTER, Pointer(point.name, point.step))
+    for manifest in todo.abandoned + todo.view.stragglers():
+        supersede(store, manifest.name, manifest.lineage.timeline, todo.view.tokens.get(manifest.name))
     return replace(todo.lineage, timeline=record.timeline)
 
 
@@ -209,9 +213,10 @@ class RollbackReport:
 
 def rollback(store: Storage, view: RootView, target: Manifest, *, dry_run: bool,
              live: Callable[[], list[Manifest]]) -> RollbackReport:
-    """Make ``target`` the resume point: fork a new timeline at it, supersede what came after, then
-    point ``latest`` at ``target`` and each best pointer at the best of ``live()`` (by compare-and-swap;
-    readers never depended on them: the resolver ignores pointers to checkpoints that are not live).
+    """Make ``target`` the resume point: fork a new timeline at it (which points ``latest`` at
+    ``target`` and supersedes what came after), then point each best pointer at the best of
+    ``live()`` (readers never depended on them: the resolver ignores pointers to checkpoints that
+    are not live).
     """
     target_live = any(m.name == target.name and m.lineage.timeline == target.lineage.timeline
                       for m in view.live_manifests())
@@ -219,8 +224,7 @@ def rollback(store: Storage, view: RootView, target: Manifest, *, dry_run: bool,
     assert todo.abandoned is not None
     if dry_run:
         return RollbackReport(target, tuple(todo.abandoned), None, True)
-    lineage = apply_fork(store, todo)
-    force_pointer(store, LATEST_POINTER, Pointer(target.name, target.step))
+    lineage = apply_fork(store, todo)  # latest.ckpt now names ``target``
     remaining = [CheckpointInfo.of(m) for m in live()]
     for key, pointer in view.pointers.items():
         if key != LATEST_POINTER and pointer.metric and pointer.mode:

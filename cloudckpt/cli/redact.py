@@ -37,15 +37,27 @@ _PRIVATE_KEY = re.compile(r"""(?i)(?P<name>["']?private_key["']?\s*:\s*["'])(?P<
 #: AWS access key ids (long-term AKIA..., temporary ASIA...).
 _KEY_ID = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{12,}\b")
 _MARK = "<redacted>"
+#: A lowercase word in every name the patterns above look for: text without any of them (most
+#: log lines, and the multi-megabyte request and response bodies botocore logs at DEBUG) is left
+#: alone without running the patterns, which cost about 0.5 µs per character.
+_HINTS = ("token", "signature", "credential", "secret", "assertion", "authorization", "private_key",
+          "awsaccesskeyid")
+#: Longer log messages are cut to this many characters before redaction (the rest is a body).
+MAX_LOGGED_CHARS = 64 * 1024
 
 
 def redact(text: str) -> str:
     """``text`` with every credential value, signature and token replaced by ``<redacted>``."""
+    if "AKIA" in text or "ASIA" in text:
+        text = _KEY_ID.sub(_MARK, text)
+    lowered = text.lower()
+    if not any(hint in lowered for hint in _HINTS):
+        return text
     text = _PRIVATE_KEY.sub(lambda m: m.group("name") + _MARK, text)
     text = _AUTHORIZATION.sub(lambda m: m.group("name") + m.group("sep") + (m.group("scheme") or "") + _MARK, text)
     text = _NAMED.sub(lambda m: m.group("name") + m.group("sep") + _MARK
                       if m.group("value") != _MARK else m.group(0), text)
-    return _KEY_ID.sub(_MARK, text)
+    return text
 
 
 class RedactSecrets(logging.Filter):
@@ -53,6 +65,10 @@ class RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if len(message) > MAX_LOGGED_CHARS:
+            message = (f"{message[:MAX_LOGGED_CHARS]} ... ({len(message) - MAX_LOGGED_CHARS} more characters "
+                       "not logged)")
+            record.msg, record.args = message, None
         redacted = redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None

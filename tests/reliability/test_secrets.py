@@ -260,3 +260,19 @@ def test_redaction_covers_every_credential_of_both_sdks():
     harmless = ("check the credentials in use (AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                 "AWS_SESSION_TOKEN) SignatureDoesNotMatch; no usable credentials")
     assert redact(harmless) == harmless
+
+
+def test_a_huge_log_message_is_cut_before_redaction_and_nothing_past_the_cut_is_logged():
+    """botocore logs whole request and response bodies at DEBUG: those are cut, not scanned."""
+    from cloudckpt.cli.redact import MAX_LOGGED_CHARS, RedactSecrets
+
+    body = "x" * (2 * MAX_LOGGED_CHARS) + " X-Amz-Security-Token: IQoJb3JpZ2luSECRET"
+    record = logging.LogRecord("botocore.parsers", logging.DEBUG, __file__, 1, "Response body:\n%s", (body,), None)
+    assert RedactSecrets().filter(record)
+    message = record.getMessage()
+    assert len(message) < MAX_LOGGED_CHARS + 100 and "more characters not logged" in message
+    assert "SECRET" not in message
+    short = logging.LogRecord("botocore.auth", logging.DEBUG, __file__, 1, "%s",
+                              ("'X-Amz-Security-Token': b'IQoJb3JpZ2luSECRET'",), None)
+    RedactSecrets().filter(short)
+    assert "SECRET" not in short.getMessage() and "<redacted>" in short.getMessage()

@@ -90,20 +90,28 @@ def check_loadable(target: Mapping[str, Any], loaded: Mapping[str, Any], *, path
             continue
         current = target[key]
         if hasattr(current, "load_state_dict") and callable(current.load_state_dict):
-            if not isinstance(value, StateDict):
-                raise StateMismatch(f"{where}: the checkpoint holds a {type(value).__name__}, "
-                                    f"not the state of a {type(current).__name__}")
+            _check_stateful(current, value, where)
             # Only torch's own loaders are known well enough to predict (a subclass may override them).
             if type(current).load_state_dict is torch.nn.Module.load_state_dict:
                 _check_module(current, value, where)
             elif type(current).load_state_dict is torch.optim.Optimizer.load_state_dict:
                 _check_optimizer(current, value, where)
         elif isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor):
-            if current.shape != value.shape:
-                raise StateMismatch(f"{where}: the checkpoint holds a tensor of shape {tuple(value.shape)}, "
-                                    f"the live one has shape {tuple(current.shape)}")
+            _check_tensor(current, value, where)
         elif isinstance(current, Mapping) and isinstance(value, Mapping) and not isinstance(value, StateDict):
             check_loadable(current, value, path=where)
+
+
+def _check_stateful(current: Any, value: Any, where: str) -> None:
+    if not isinstance(value, StateDict):
+        raise StateMismatch(f"{where}: the checkpoint holds a {type(value).__name__}, "
+                            f"not the state of a {type(current).__name__}")
+
+
+def _check_tensor(current: torch.Tensor, value: torch.Tensor, where: str) -> None:
+    if current.shape != value.shape:
+        raise StateMismatch(f"{where}: the checkpoint holds a tensor of shape {tuple(value.shape)}, "
+                            f"the live one has shape {tuple(current.shape)}")
 
 
 def _check_module(module: torch.nn.Module, saved: Mapping[str, Any], where: str) -> None:
@@ -138,14 +146,10 @@ def apply_state(target: MutableMapping[str, Any], loaded: Mapping[str, Any], *, 
             continue
         current = target[key]
         if hasattr(current, "load_state_dict") and callable(current.load_state_dict):
-            if not isinstance(value, StateDict):
-                raise StateMismatch(f"{where}: the checkpoint holds a {type(value).__name__}, "
-                                    f"not the state of a {type(current).__name__}")
+            _check_stateful(current, value, where)
             current.load_state_dict(dict(value))
         elif isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor):
-            if current.shape != value.shape:
-                raise StateMismatch(f"{where}: the checkpoint holds a tensor of shape {tuple(value.shape)}, "
-                                    f"the live one has shape {tuple(current.shape)}")
+            _check_tensor(current, value, where)
             if current is not value:
                 with torch.no_grad():
                     current.copy_(value)

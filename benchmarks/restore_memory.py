@@ -9,10 +9,13 @@ restore ("peak extra").  The cases:
 * ``baseline``: the code at ``--baseline`` (a checkout of main before issue 12,
   e.g. ``git archive d88acb4 | tar -x -C /tmp/base``), which writes chunks
   straight into the live tensors and checks them afterwards;
-* ``staged``: this checkout, default ``staging_budget`` (256 MiB): a state above
-  the budget is verified in a first pass and copied in by a second;
-* ``staged-whole``: this checkout with a budget above the state: one read, all
-  chunks held in staging until every one has verified.
+* ``mapped``: this checkout as a local root runs it: chunk files are memory-mapped,
+  verified through the mapping and copied from it (no staging memory, one read);
+* ``staged``: this checkout with the chunk files not lent, the path a restore from
+  S3 or GCS takes, default ``staging_budget`` (256 MiB): a state above the budget
+  is verified in a first pass and copied in by a second;
+* ``staged-whole``: the same with a budget above the state: one read, all chunks
+  held in staging until every one has verified.
 
     python benchmarks/restore_memory.py --baseline /tmp/base            # ~1 GiB state
     python benchmarks/restore_memory.py --size-mib 64 --repeats 1       # a quick look
@@ -64,16 +67,28 @@ def child_save(root: str, size_mib: int) -> None:
     cloudckpt.CheckpointManager(root, capture_rng=False).save({"model": model}, step=1)
 
 
-def child_restore(root: str, size_mib: int, repeats: int, budget_mib: int | None) -> dict:
+def _staging_store(root: str):
+    """A local root that lends no views, so the restore stages chunks as it does for S3 and GCS."""
+    from cloudckpt.storage.local import LocalStorage
+
+    class StagingLocalStorage(LocalStorage):
+        def lend(self, key: str) -> None:
+            return None
+
+    return StagingLocalStorage(root)
+
+
+def child_restore(root: str, size_mib: int, repeats: int, budget_mib: int | None, lend: bool) -> dict:
     import torch
 
     import cloudckpt
 
+    store = root if lend else _staging_store(root)
     transfer = cloudckpt.TransferConfig() if budget_mib is None else \
         cloudckpt.TransferConfig(staging_budget=budget_mib * MiB)
     model = build_model(size_mib)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    manager = cloudckpt.CheckpointManager(root, capture_rng=False, transfer=transfer)
+    manager = cloudckpt.CheckpointManager(store, capture_rng=False, transfer=transfer)
     seconds, extra = [], []
     for _ in range(repeats):
         with torch.no_grad():
@@ -92,10 +107,11 @@ def child_restore(root: str, size_mib: int, repeats: int, budget_mib: int | None
     return {"nbytes": nbytes, "seconds": seconds, "peak_extra": extra}
 
 
-def run_case(code: Path, root: str, args: argparse.Namespace, budget_mib: int | None) -> dict:
+def run_case(code: Path, root: str, args: argparse.Namespace, budget_mib: int | None, *, lend: bool = True) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code)}
     command = [sys.executable, __file__, "--child-restore", root, "--size-mib", str(args.size_mib),
                "--repeats", str(args.repeats)] + ([] if budget_mib is None else ["--budget-mib", str(budget_mib)])
+    command += [] if lend else ["--no-lend"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True, cwd=code)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -110,12 +126,13 @@ def main() -> None:
     parser.add_argument("--child-restore", help=argparse.SUPPRESS)
     parser.add_argument("--child-save", help=argparse.SUPPRESS)
     parser.add_argument("--budget-mib", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-lend", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_save:
         child_save(args.child_save, args.size_mib)
         return
     if args.child_restore:
-        print(json.dumps(child_restore(args.child_restore, args.size_mib, args.repeats, args.budget_mib)))
+        print(json.dumps(child_restore(args.child_restore, args.size_mib, args.repeats, args.budget_mib, not args.no_lend)))
         return
 
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -125,8 +142,9 @@ def main() -> None:
         cases: dict[str, dict] = {}
         if args.baseline is not None:
             cases["baseline"] = run_case(args.baseline.resolve(), root, args, None)
-        cases["staged"] = run_case(ROOT, root, args, None)
-        cases["staged-whole"] = run_case(ROOT, root, args, 2 * args.size_mib + 64)
+        cases["mapped"] = run_case(ROOT, root, args, None)
+        cases["staged"] = run_case(ROOT, root, args, None, lend=False)
+        cases["staged-whole"] = run_case(ROOT, root, args, 2 * args.size_mib + 64, lend=False)
     base = statistics.median(cases["baseline"]["seconds"]) if "baseline" in cases else None
     print(f"\nrestore of a {args.size_mib} MiB state from a local root, {args.repeats} runs each (median)")
     print(f"{'case':14} {'MiB/s':>8} {'vs baseline':>12} {'peak extra MiB':>15} {'extra / state':>14}")

@@ -88,11 +88,31 @@ class ChunkFetcher:
             data = self._download(ref)
         except NotFound as exc:
             raise CorruptCheckpoint(f"{where}: chunk is missing (referenced by the manifest)") from exc
+        self.check_stored(ref, data)
+        return data
+
+    def check_stored(self, ref: ChunkRef, data: bytes | bytearray | memoryview) -> None:
+        """Check a chunk's stored bytes against the manifest: size and CRC32C."""
+        where = f"{self.store.url}/{ref.key}"
         if len(data) != ref.size:
             raise CorruptCheckpoint(f"{where}: chunk has {len(data)} bytes, the manifest says {ref.size}")
         if crc32c_hex(data) != ref.crc32c:
             raise CorruptCheckpoint(f"{where}: chunk CRC32C mismatch; the stored bytes are damaged")
-        return data
+
+    def lend_checked(self, ref: ChunkRef) -> memoryview | None:
+        """The store's lent view of an uncompressed chunk (see :meth:`Storage.lend`), checked like
+        :meth:`fetch`; None when the store lends no views."""
+        try:
+            view = self.store.lend(ref.key)
+        except NotFound as exc:
+            raise CorruptCheckpoint(f"{self.store.url}/{ref.key}: chunk is missing (referenced by the manifest)") \
+                from exc
+        if view is None:
+            return None
+        self.check_stored(ref, view)
+        if self.full and blake3_hex(view) != ref.hash:
+            raise CorruptCheckpoint(f"{self.store.url}/{ref.key}: chunk content does not match its BLAKE3 name")
+        return view
 
     def fetch_into(self, ref: ChunkRef, dest: memoryview) -> None:
         """Read a chunk's content (``raw_size`` bytes, decompressed) into ``dest``, then verify it there.

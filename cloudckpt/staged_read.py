@@ -21,6 +21,10 @@ the bytes of the chunks holding live tensors:
   store failing, or a chunk vanishing, after the whole checkpoint verified)
   leaves a mix, and raises :class:`~cloudckpt.errors.PartialRestore`.
 
+A store that lends stable views of its objects (:meth:`~cloudckpt.storage.base.Storage.lend`:
+a local root's memory-mapped chunk files) needs neither: its uncompressed chunks are verified
+through the views, which are held until ``commit()`` copies from them.
+
 Holding ``L`` bytes would double the memory of a large restore; reading twice
 halves its speed.  The budget picks between them: small states (and every
 state when the budget is raised above it) get both guarantees at one read.
@@ -145,6 +149,25 @@ def _memory(buffer: torch.Tensor, nbytes: int) -> memoryview:
     return buffer[:nbytes].numpy().data
 
 
+def _plain(manifest: Manifest, indices: set[int]) -> set[int]:
+    """The uncompressed chunks among ``indices``: their stored bytes are their content."""
+    return {i for i in indices if not manifest.chunks[i].key.endswith(".zst")}
+
+
+def _first_lent(fetcher: ChunkFetcher, manifest: Manifest, staged: set[int]) -> dict[int, memoryview]:
+    """Ask the store to lend (and check) the first uncompressed staged chunk: {index: view} if it
+    lends views, else {}.  A store that lends one lends them all (it is a property of the store)."""
+    plain = sorted(_plain(manifest, staged))
+    if not plain:
+        return {}
+    view = fetcher.lend_checked(manifest.chunks[plain[0]])
+    return {} if view is None else {plain[0]: view}
+
+
+def _as_tensor(view: memoryview) -> torch.Tensor:
+    return torch.frombuffer(view, dtype=torch.uint8) if len(view) else torch.empty(0, dtype=torch.uint8)
+
+
 def stage_tensors(
     store: Storage,
     manifest: Manifest,
@@ -182,12 +205,20 @@ def stage_tensors(
             pieces.setdefault(seg.chunk_index, []).append(
                 _Piece(i, seg.chunk_offset, seg.tensor_offset, seg.length))
     staged = {c for c, ps in pieces.items() if any(p.tensor in live for p in ps)}  # chunks for live tensors
-    two_pass = sum(manifest.chunks[c].raw_size for c in staged) > transfer.staging_budget
-
-    stats = ReadStats(passes=2 if two_pass and staged else 1)
-    pool = StagingPool(transfer.staging_budget, pinned=wants_pinned(list(live.values())))
+    pinned = wants_pinned(list(live.values()))
     fetcher = ChunkFetcher(store, transfer, full=full_verify, sizes_checked=True)
-    read = StagedRead(tensors, stats, live, pieces, {}, sorted(staged) if two_pass else [], fetcher, pool, manifest)
+    try:
+        lent = {} if pinned else _first_lent(fetcher, manifest, staged)
+    except BaseException:
+        fetcher.close()
+        raise
+    lendable = _plain(manifest, staged) if lent else set()
+    two_pass = sum(manifest.chunks[c].raw_size for c in staged - lendable) > transfer.staging_budget
+
+    stats = ReadStats(passes=2 if two_pass and staged - lendable else 1)
+    pool = StagingPool(transfer.staging_budget, pinned=pinned)
+    read = StagedRead(tensors, stats, live, pieces, {}, sorted(staged - lendable) if two_pass else [], fetcher, pool,
+                      manifest)
 
     def copy_fresh(index: int, data: memoryview) -> None:
         for piece in pieces[index]:
@@ -198,7 +229,14 @@ def stage_tensors(
     def read_chunk(index: int) -> None:
         ref = manifest.chunks[index]
         only_piece = pieces[index][0] if len(pieces[index]) == 1 else None
-        if index in staged:
+        if index in lendable:
+            view = lent.pop(index, None) or fetcher.lend_checked(ref)
+            if view is None:
+                raise RuntimeError(f"{store!r} lent a view of one chunk but not of {ref.key}")
+            copy_fresh(index, view)
+            with read._lock:
+                read._held[index] = _as_tensor(view)
+        elif index in staged:
             buffer = pool.take(ref.raw_size)
             try:
                 fetcher.fetch_into(ref, _memory(buffer, ref.raw_size))

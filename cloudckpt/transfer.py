@@ -41,6 +41,11 @@ class TransferConfig:
         ``"store"``: after each upload, compare the size and CRC32C the store
         reports with what was sent.  ``"read-back"``: also re-read every uploaded
         chunk and re-hash it before committing (doubles the traffic).
+    staging_budget
+        Host memory a restore from S3 or GCS verifies chunks in before it
+        writes any live tensor (see ``docs/RELIABILITY.md`` section 2).  A
+        state larger than this is read twice.  Local roots need none: their
+        chunk files are verified and copied through memory maps.
     """
 
     chunk_size: int = 64 * MiB

@@ -194,6 +194,16 @@ class Storage(abc.ABC):
         buffer[: len(data)] = data
         return len(data)
 
+    def lend(self, key: str) -> memoryview | None:
+        """A read-only view of the whole stored object that no later write can change, or None.
+
+        A restore verifies a chunk through the view and copies from it only once the
+        whole checkpoint has verified, so it needs no staging memory for that chunk.
+        Stores whose objects are files never rewritten in place (a local directory:
+        a memory map) lend views; the default, and every remote store, lends none.
+        """
+        return None
+
     def list_pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
         """Multipart uploads started under ``prefix`` that were never completed or aborted."""
         return []

@@ -123,6 +123,9 @@ class FaultyStorage(Storage):
     def read_into(self, key: str, buffer: memoryview, offset: int = 0) -> int:
         return self._run("get", key, lambda: self.inner.read_into(key, buffer, offset))
 
+    def lend(self, key: str) -> memoryview | None:
+        return self._run("get", key, lambda: self.inner.lend(key))
+
     def head(self, key: str) -> ObjectInfo:
         return self._run("head", key, lambda: self.inner.head(key))
 

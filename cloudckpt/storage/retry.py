@@ -131,6 +131,9 @@ class RetryingStorage(Storage):
     def read_into(self, key: str, buffer: memoryview, offset: int = 0) -> int:
         return self._call(f"get {key!r}", lambda: self.inner.read_into(key, buffer, offset))
 
+    def lend(self, key: str) -> memoryview | None:
+        return self._call(f"get {key!r}", lambda: self.inner.lend(key))
+
     def head(self, key: str) -> ObjectInfo:
         return self._call(f"head {key!r}", lambda: self.inner.head(key))
 

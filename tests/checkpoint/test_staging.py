@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from cloudckpt import MemoryStorage, TransferConfig
+from cloudckpt import MemoryStorage, NotFound, TransferConfig
+from cloudckpt.storage.local import LocalStorage
 from cloudckpt.reader import load_manifest
 from cloudckpt.staged_read import stage_tensors
 from cloudckpt.staging import StagingPool, byte_view, copy_bytes, settle, wants_pinned
@@ -103,3 +104,50 @@ def test_cuda_destinations_are_staged_in_pinned_memory_and_written_only_on_commi
     assert staged._pool.pinned and all(not t.any() for t in live)
     staged.commit()
     assert all(torch.equal(a.cpu(), b) for a, b in zip(live, saved))
+
+
+def _saved_on_disk(tmp_path, transfer):
+    store = LocalStorage(tmp_path)
+    saved = [torch.randn(3000), torch.randn(100), torch.randn(5000)]
+    write_checkpoint(store, name="a.ckpt", tree={"t": [{"__tensor__": i} for i in range(3)]}, tensors=saved,
+                     metadata=dict(step=1, epoch=None, reason="manual", metrics={}, created="2026-01-01T00:00:00Z"),
+                     transfer=transfer, known_chunks={})
+    return store, saved
+
+
+def test_a_local_root_lends_its_chunk_files_so_nothing_is_staged_or_read_twice(tmp_path):
+    transfer = TransferConfig(chunk_size=8 * KiB, pack_threshold=2 * KiB, pack_size=2 * KiB, staging_budget=4 * KiB)
+    store, saved = _saved_on_disk(tmp_path, transfer)
+    live = [torch.zeros(3000), torch.zeros(100), torch.zeros(5000)]
+    staged = stage_tensors(store, load_manifest(store, "a.ckpt"), dict(enumerate(live)), transfer)
+    assert all(not t.any() for t in live), "a live tensor was written before commit"
+    staged.commit()
+    assert all(torch.equal(a, b) for a, b in zip(live, saved))
+    assert (staged.stats.passes, staged.stats.staging_peak) == (1, 0)  # below budget, yet one pass, no staging
+
+
+def test_a_lent_chunk_keeps_the_verified_bytes_when_its_file_is_replaced_or_deleted_before_commit(tmp_path):
+    transfer = TransferConfig(chunk_size=8 * KiB, pack_threshold=2 * KiB, pack_size=2 * KiB)
+    store, saved = _saved_on_disk(tmp_path, transfer)
+    manifest = load_manifest(store, "a.ckpt")
+    live = [torch.zeros(3000), torch.zeros(100), torch.zeros(5000)]
+    staged = stage_tensors(store, manifest, dict(enumerate(live)), transfer)
+    first, *rest = [c.key for c in manifest.chunks]
+    store.put(first, b"\xff" * manifest.chunks[0].size)  # what verified must be what is written
+    store.delete(rest)
+    staged.commit()
+    assert all(torch.equal(a, b) for a, b in zip(live, saved))
+
+
+def test_local_lend_is_a_stable_view_of_the_whole_file(tmp_path):
+    store = LocalStorage(tmp_path)
+    store.put("a", b"0123456789")
+    store.put("empty", b"")
+    view = store.lend("a")
+    store.put("a", b"changed!!!")
+    store.delete(["a"])
+    assert bytes(view) == b"0123456789"
+    assert bytes(store.lend("empty")) == b""
+    with pytest.raises(NotFound):
+        store.lend("missing")
+    assert MemoryStorage().lend("a") is None  # stores that cannot lend say so; the restore stages instead

@@ -3,7 +3,9 @@
 ``honest_ranges=True`` patches moto, in the server process only, to read just
 the requested bytes of a ranged GET (stock moto reads the whole object and
 slices it, which costs peers that read ranges of one big object tens of
-server CPU-seconds per GiB; real S3 does not).  Either way moto also sends
+server CPU-seconds per GiB; real S3 does not) and to keep connections open
+between requests (moto's own server closes every one; real S3 keeps them).
+Either way moto also sends
 CompleteMultipartUpload's ETag as a response header, as S3 does, which the
 AWS CRT client (s3torchconnector) requires.
 """
@@ -82,6 +84,9 @@ def _serve_moto(conn, honest_ranges: bool) -> None:
     _patch_complete_etag_header()
     if honest_ranges:
         _patch_ranged_reads()
+    if honest_ranges:
+        _serve_keep_alive(conn)
+        return
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -90,6 +95,31 @@ def _serve_moto(conn, honest_ranges: bool) -> None:
     conn.send((host, port))
     conn.recv()
     server.stop()
+
+
+def _serve_keep_alive(conn) -> None:
+    """moto's app on waitress, which keeps connections open between requests as S3 does.
+
+    moto's own server (werkzeug's development server) answers every request with
+    ``Connection: close``, so each request through the latency proxy would pay a new TCP
+    connection and an extra round trip that real S3 does not charge; clients that send
+    many small requests lose the most.
+    """
+    import socket
+    import threading
+
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from waitress.server import create_server
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    app = DomainDispatcherApplication(create_backend_app)
+    server = create_server(app, sockets=[sock], threads=48, connection_limit=1000, channel_timeout=300,
+                           asyncore_use_poll=True)
+    threading.Thread(target=server.run, daemon=True).start()
+    conn.send(sock.getsockname()[:2])
+    conn.recv()
+    server.close()
 
 
 def _serve_proxy(conn, upstream: tuple[str, int], one_way_delay: float, bandwidth: float) -> None:
@@ -108,6 +138,9 @@ class _Child:
         self._conn, child = multiprocessing.Pipe()
         self.process = multiprocessing.get_context("spawn").Process(target=target, args=(child, *args), daemon=True)
         self.process.start()
+        while not self._conn.poll(0.5):  # a child that dies while starting must not hang the run
+            if not self.process.is_alive():
+                raise RuntimeError(f"{target.__name__} exited with status {self.process.exitcode} while starting")
         self.reply = self._conn.recv()
 
     @property

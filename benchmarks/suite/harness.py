@@ -78,8 +78,10 @@ class Bench:
                 self.target(setting, f"{op}: cloudckpt / fastest peer ({best.contender})", ours.mbps / best.mbps,
                             goals[op])
             ceiling = self.find(setting, "ceiling", op, prefix=True)
-            if ceiling is not None:
+            if ceiling is not None and is_s3:
                 self.target(setting, f"{op}: cloudckpt / raw ceiling", ours.mbps / ceiling.mbps, 0.9)
+            elif ceiling is not None:
+                self.note(setting, f"{op}: cloudckpt reaches {ours.mbps / ceiling.mbps:.2f}x the raw ceiling")
             if is_s3:
                 self.target(setting, f"{op}: cloudckpt client CPU-s per GiB", ours.client_cpu_per_gib,
                             1.0 if op == "save" else 0.8, higher_is_better=False)
@@ -90,6 +92,11 @@ class Bench:
                 ours, base = self.find(setting, "cloudckpt", op, prefix=True), self.find(setting, peer, op)
                 if ours and base:
                     self.target(setting, f"{op}: cloudckpt / {peer}", ours.mbps / base.mbps, goal)
+            torch_save, ceiling = self.find(setting, "torch.save / torch.load", "save"), \
+                self.find(setting, "ceiling", "save", prefix=True)
+            if torch_save and ceiling:
+                self.note(setting, f"the raw write ceiling is {ceiling.mbps / torch_save.mbps:.2f}x torch.save here: "
+                                   "no writer that stores every byte can save faster than that")
 
     def fresh(self, name: str) -> Path:
         return self.workdir / name

@@ -136,7 +136,7 @@ class ChunkFetcher:
 
         def read(start: int) -> None:
             end = min(start + step, ref.size)
-            if self.store.read_into(ref.key, dest[start:end], start) != end - start:
+            if self.store.read_into(ref.key, dest[start:end], start, size=ref.size) != end - start:
                 raise CorruptCheckpoint(f"{where}: chunk is shorter than the {ref.size} bytes the manifest says")
 
         futures = [self._ranges.submit(read, s) for s in range(0, ref.size, step)]

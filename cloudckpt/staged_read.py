@@ -33,6 +33,7 @@ state when the budget is raised above it) get both guarantees at one read.
 from __future__ import annotations
 
 import threading
+from typing import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -140,13 +141,14 @@ class StagedRead:
             ) from exc
 
 
-def chunks_of(manifest: Manifest, tensors: set[int]) -> list[int]:
-    """The chunk indices holding bytes of ``tensors``."""
-    return sorted({seg.chunk_index for i in tensors for seg in manifest.tensors[i].segments})
-
-
 def _memory(buffer: torch.Tensor, nbytes: int) -> memoryview:
     return buffer[:nbytes].numpy().data
+
+
+def _bounded_by_live(manifest: Manifest, index: int, pieces: list[_Piece], live: dict[int, torch.Tensor]) -> bool:
+    """Whether an uncompressed chunk holds nothing but bytes of live tensors (which bound its size)."""
+    ref = manifest.chunks[index]
+    return not ref.key.endswith(".zst") and sum(p.length for p in pieces if p.tensor in live) == ref.raw_size
 
 
 def _plain(manifest: Manifest, indices: set[int]) -> set[int]:
@@ -176,28 +178,28 @@ def stage_tensors(
     *,
     only: set[int] | None = None,
     full_verify: bool = False,
-    sizes_checked: bool = False,
+    before_reading: Callable[[], None] | None = None,
 ) -> StagedRead:
     """Read and verify the tensors of ``manifest`` (all, or the indices in ``only``) without writing
     any tensor of ``destinations``; :meth:`StagedRead.commit` writes them.
 
     A destination that matches its record in dtype and shape (and is contiguous) is the tensor
     returned for its index and is filled in place on commit; every other index gets a new CPU tensor.
-    ``sizes_checked``: the caller already ran :func:`~cloudckpt.reader.check_chunk_sizes` on them.
+    Before anything is allocated or read, the chunks are HEADed (present, declared size), except
+    where the read itself bounds and checks the size: an uncompressed chunk of nothing but live
+    tensors' bytes (they bound it) on a store whose reads report the object's size
+    (``Storage.reads_check_size``) costs no HEAD.  ``before_reading`` runs after those checks and
+    before the first read (a caller's own checks, so that a damaged manifest is reported as such).
     """
     wanted = set(range(len(manifest.tensors))) if only is None else only
     unknown = sorted(i for i in wanted if not 0 <= i < len(manifest.tensors))
     if unknown:
         raise CorruptCheckpoint(f"{store.url}/{manifest.name}: the state tree refers to tensor {unknown[0]}, "
                                 f"but the manifest lists {len(manifest.tensors)} tensors")
-    if not sizes_checked:
-        check_chunk_sizes(store, manifest, chunks_of(manifest, wanted), transfer)
     records = {i: TensorRecord.from_json({"dtype": e.dtype, "shape": list(e.shape),
                                           "device": e.device, "nbytes": e.nbytes})
                for i, e in enumerate(manifest.tensors) if i in wanted}
     live = {i: destinations[i] for i, record in records.items() if _compatible(destinations.get(i), record)}
-    tensors = {i: live[i] if i in live else empty_from_record(record, "cpu") for i, record in records.items()}
-    fresh = {i: byte_view(t).numpy().data for i, t in tensors.items() if i not in live}
 
     pieces: dict[int, list[_Piece]] = {}
     for i in sorted(records):
@@ -205,6 +207,13 @@ def stage_tensors(
             pieces.setdefault(seg.chunk_index, []).append(
                 _Piece(i, seg.chunk_offset, seg.tensor_offset, seg.length))
     staged = {c for c, ps in pieces.items() if any(p.tensor in live for p in ps)}  # chunks for live tensors
+    unbounded = [c for c in sorted(pieces)
+                 if not (store.reads_check_size and _bounded_by_live(manifest, c, pieces[c], live))]
+    check_chunk_sizes(store, manifest, unbounded, transfer)
+    if before_reading is not None:
+        before_reading()
+    tensors = {i: live[i] if i in live else empty_from_record(record, "cpu") for i, record in records.items()}
+    fresh = {i: byte_view(t).numpy().data for i, t in tensors.items() if i not in live}
     pinned = wants_pinned(list(live.values()))
     fetcher = ChunkFetcher(store, transfer, full=full_verify, sizes_checked=True)
     try:

@@ -2,8 +2,10 @@
 
 The order is what makes it one:
 
-1. Before any read: the entries asked for exist, every chunk exists with its
-   declared size (HEAD), and every live tensor paired with a saved one has its shape.
+1. Before any read: the entries asked for exist, every live tensor paired with
+   a saved one has its shape, and every chunk exists with its declared size
+   (a HEAD, unless the read itself checks it: see
+   :func:`~cloudckpt.staged_read.stage_tensors`).
 2. Every chunk is read and verified into bounded staging memory
    (:func:`~cloudckpt.staged_read.stage_tensors`); no live tensor is written.
 3. The state tree is decoded, and what ``load_state_dict`` would refuse (a
@@ -29,8 +31,7 @@ from .errors import CorruptCheckpoint
 from .format.manifest import Manifest
 from .format.serialize import flatten, unflatten
 from .restore import apply_state, check_loadable, check_shapes, match_destinations, pair_tensors, select
-from .reader import check_chunk_sizes
-from .staged_read import chunks_of, stage_tensors
+from .staged_read import stage_tensors
 from .state import RNG_KEY, RNGState
 from .storage.base import Storage
 from .transfer import TransferConfig
@@ -67,11 +68,11 @@ def restore_checkpoint(
     if unknown:
         raise CorruptCheckpoint(f"{where}: the state tree refers to tensor {unknown[0]}, "
                                 f"but the manifest lists {len(manifest.tensors)} tensors")
-    check_chunk_sizes(store, manifest, chunks_of(manifest, indices), transfer)
-    check_shapes(pair_tensors(subtree, live.tree, live.tensors), [t.shape for t in manifest.tensors])
+    pairs = pair_tensors(subtree, live.tree, live.tensors)
     destinations = {} if map_location is not None else match_destinations(subtree, live.tree, live.tensors)
 
-    staged = stage_tensors(store, manifest, destinations, transfer, only=indices, sizes_checked=True)
+    staged = stage_tensors(store, manifest, destinations, transfer, only=indices,
+                           before_reading=lambda: check_shapes(pairs, [t.shape for t in manifest.tensors]))
     try:
         tensors = staged.tensors
         if map_location is not None:

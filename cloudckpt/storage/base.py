@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Literal, Union
 
-from ..errors import InvalidKey
+from ..errors import CorruptCheckpoint, InvalidKey
 
 if TYPE_CHECKING:
     from .capabilities import Capabilities
@@ -93,6 +93,12 @@ def is_direct_child(key: str, prefix: str) -> bool:
     return key.startswith(prefix) and "/" not in key[len(prefix):]
 
 
+def check_size(url: str, key: str, actual: int, expected: int | None) -> None:
+    """For ``read_into(..., size=expected)``: the object must have the size its reader expects."""
+    if expected is not None and actual != expected:
+        raise CorruptCheckpoint(f"{url}/{key}: the object has {actual} bytes, {expected} were expected")
+
+
 def check_range(key: str, byte_range: tuple[int, int] | None) -> None:
     if byte_range is None:
         return
@@ -147,6 +153,8 @@ class Storage(abc.ABC):
     capabilities: "Capabilities | None" = None
     #: ``"unsupported"`` accepts a store that ignores conditional writes (single-writer mode).
     conditional_writes: str = "required"
+    #: Whether ``read_into(..., size=N)`` checks the object's real size from the read itself.
+    reads_check_size: bool = False
 
     @abc.abstractmethod
     def put(self, key: str, data: Buffer, mode: PutMode = "overwrite") -> ObjectInfo:
@@ -185,10 +193,13 @@ class Storage(abc.ABC):
     def mark_expired(self, keys: Iterable[str]) -> None:
         """Flag ``keys`` for removal by the bucket's lifecycle rule (see cloudckpt.retention)."""
 
-    def read_into(self, key: str, buffer: memoryview, offset: int = 0) -> int:
+    def read_into(self, key: str, buffer: memoryview, offset: int = 0, *, size: int | None = None) -> int:
         """Read bytes ``[offset, offset + len(buffer))`` of the object into ``buffer``; return how many.
 
-        Backends that can read straight into caller memory override this to save a copy.
+        ``size`` is the object's expected size: a store whose reads tell it the real size
+        (``reads_check_size``) raises CorruptCheckpoint when they differ, which spares the
+        caller a HEAD; other stores ignore it.  Backends that can read straight into caller
+        memory override this to save a copy.
         """
         data = self.get(key, range=(offset, offset + len(buffer)))
         buffer[: len(data)] = data

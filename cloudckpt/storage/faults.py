@@ -73,6 +73,7 @@ class FaultyStorage(Storage):
         self.min_part_size = inner.min_part_size
         self.default_part_size = inner.default_part_size
         self.supports_conditional_writes = inner.supports_conditional_writes
+        self.reads_check_size = inner.reads_check_size
         self.calls: list[tuple[str, str]] = []
         self.counts: Counter[str] = Counter()
         self.bytes_put = 0
@@ -120,8 +121,8 @@ class FaultyStorage(Storage):
     def get(self, key: str, range: tuple[int, int] | None = None) -> bytes:
         return self._run("get", key, lambda: self.inner.get(key, range))
 
-    def read_into(self, key: str, buffer: memoryview, offset: int = 0) -> int:
-        return self._run("get", key, lambda: self.inner.read_into(key, buffer, offset))
+    def read_into(self, key: str, buffer: memoryview, offset: int = 0, *, size: int | None = None) -> int:
+        return self._run("get", key, lambda: self.inner.read_into(key, buffer, offset, size=size))
 
     def lend(self, key: str) -> memoryview | None:
         return self._run("get", key, lambda: self.inner.lend(key))

@@ -44,6 +44,7 @@ from .base import (
     check_key,
     check_prefix,
     check_range,
+    check_size,
 )
 
 _TMP_MARK = ".cloudckpt-tmp-"
@@ -91,6 +92,7 @@ class LocalStorage(Storage):
     min_part_size = 1
     default_part_size = 64 * 1024 * 1024
     supports_conditional_writes = True
+    reads_check_size = True
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
         text = os.fspath(root)
@@ -217,9 +219,10 @@ class LocalStorage(Storage):
             fh.seek(range[0])
             return fh.read(range[1] - range[0])
 
-    def read_into(self, key: str, buffer: memoryview, offset: int = 0) -> int:
+    def read_into(self, key: str, buffer: memoryview, offset: int = 0, *, size: int | None = None) -> int:
         """Read straight from the file into ``buffer`` (no intermediate bytes object)."""
         with _translate("get", key, self.url), open(self._path(key), "rb", buffering=0) as fh:
+            check_size(self.url, key, os.fstat(fh.fileno()).st_size, size)
             fh.seek(offset)
             view, done = memoryview(buffer).cast("B"), 0
             while done < len(view):

@@ -27,6 +27,7 @@ from .base import (
     check_key,
     check_prefix,
     check_range,
+    check_size,
     is_direct_child,
 )
 
@@ -44,6 +45,8 @@ class MemoryStorage(Storage):
 
     min_part_size = 1
     default_part_size = 8 * 1024 * 1024
+
+    reads_check_size = True
 
     def __init__(self, url: str = "memory://", *, clock=None) -> None:
         self.url = url
@@ -99,6 +102,17 @@ class MemoryStorage(Storage):
         if range is None:
             return obj.data
         return obj.data[range[0] : range[1]]
+
+    def read_into(self, key: str, buffer: memoryview, offset: int = 0, *, size: int | None = None) -> int:
+        check_key(key)
+        with self._lock:
+            obj = self._objects.get(key)
+        if obj is None:
+            raise NotFound(f"{self.url}: no object {key!r}")
+        check_size(self.url, key, len(obj.data), size)
+        data = obj.data[offset : offset + len(buffer)]
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
 
     def head(self, key: str) -> ObjectInfo:
         check_key(key)

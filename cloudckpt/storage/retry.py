@@ -84,6 +84,7 @@ class RetryingStorage(Storage):
         self.min_part_size = inner.min_part_size
         self.default_part_size = inner.default_part_size
         self.supports_conditional_writes = inner.supports_conditional_writes
+        self.reads_check_size = inner.reads_check_size
 
     def __getattr__(self, name: str) -> Any:
         # Backend extras (e.g. MemoryStorage.run_lifecycle) stay reachable through the wrapper.
@@ -128,8 +129,8 @@ class RetryingStorage(Storage):
     def get(self, key: str, range: tuple[int, int] | None = None) -> bytes:
         return self._call(f"get {key!r}", lambda: self.inner.get(key, range))
 
-    def read_into(self, key: str, buffer: memoryview, offset: int = 0) -> int:
-        return self._call(f"get {key!r}", lambda: self.inner.read_into(key, buffer, offset))
+    def read_into(self, key: str, buffer: memoryview, offset: int = 0, *, size: int | None = None) -> int:
+        return self._call(f"get {key!r}", lambda: self.inner.read_into(key, buffer, offset, size=size))
 
     def lend(self, key: str) -> memoryview | None:
         return self._call(f"get {key!r}", lambda: self.inner.lend(key))

@@ -52,6 +52,7 @@ from .base import (
     check_key,
     check_prefix,
     check_range,
+    check_size,
 )
 from .endpoints import s3_endpoint
 from .lifecycle import EXPIRED_TAG_KEY, EXPIRED_TAG_VALUE
@@ -132,6 +133,7 @@ class S3Storage(Storage):
 
     min_part_size = MIN_PART_SIZE
     supports_conditional_writes = True
+    reads_check_size = True
     #: Larger sources are copied part by part (CopyObject's own limit is 5 GiB).
     max_copy_object_size = 5 * GiB
 
@@ -210,8 +212,9 @@ class S3Storage(Storage):
             with contextlib.closing(response["Body"]) as body:
                 return body.read()
 
-    def read_into(self, key: str, buffer: memoryview, offset: int = 0) -> int:
-        """Read bytes ``[offset, offset + len(buffer))`` with one ranged GET straight into ``buffer``."""
+    def read_into(self, key: str, buffer: memoryview, offset: int = 0, *, size: int | None = None) -> int:
+        """Read bytes ``[offset, offset + len(buffer))`` with one ranged GET straight into ``buffer``
+        (checking ``size`` against the object size in the answer's Content-Range)."""
         target = memoryview(buffer).cast("B")
         if not len(target):
             return 0
@@ -229,6 +232,9 @@ class S3Storage(Storage):
                 if offset if answered is None else not answered.startswith(f"bytes {offset}-"):
                     raise CorruptCheckpoint(f"s3://{self.bucket}/{full}: asked for bytes from {offset}, the store "
                                             f"answered with {response.get('ContentRange')!r}")
+                if size is not None:
+                    total = answered.rpartition("/")[2] if answered else str(response.get("ContentLength"))
+                    check_size(f"s3://{self.bucket}", full, int(total) if total.isdigit() else -1, size)
                 try:
                     return read_body_into(body, target)
                 except (OSError, http.client.HTTPException) as exc:

@@ -177,3 +177,34 @@ def test_a_storage_failure_in_the_second_pass_says_the_state_is_mixed():
     failing = FaultyStorage(store, [Fault("get", nth=chunk_gets, kind="permanent", key_prefix="chunks/")])
     with pytest.raises(PartialRestore, match="verified completely"):
         CheckpointManager(failing, transfer=TWO_PASS).restore(run.state)
+
+
+def test_chunks_of_live_tensors_need_no_head_yet_a_longer_chunk_is_still_caught(moto_s3, request, tmp_path):
+    """Over S3's HTTP API: a restore into live objects HEADs only the chunks its reads cannot bound
+    (here none), because each ranged GET's Content-Range reports the object's size; a chunk with a
+    byte appended is still refused, and nothing live is touched."""
+    from ckpt_util import make_store
+
+    def chunk_calls(store: FaultyStorage, verb: str) -> list[str]:
+        return [key for v, key in store.calls if v == verb and key.startswith("chunks/")]
+
+    store = make_store("s3", request, tmp_path)
+    run = Run()
+    run.train(3)
+    CheckpointManager(store, transfer=SMALL, capture_rng=False).save(run.state, step=3)  # every tensor is live
+    counting = FaultyStorage(store)
+    CheckpointManager(counting, transfer=SMALL, capture_rng=False).restore(run.state)
+    assert not chunk_calls(counting, "head") and len(chunk_calls(counting, "get")) >= 8
+
+    fresh, counting = Run(), FaultyStorage(store)  # a new optimizer has no state: its tensors are allocated
+    CheckpointManager(counting, transfer=SMALL, capture_rng=False).restore(fresh.state)
+    assert chunk_calls(counting, "head")
+
+    key = _middle_chunk(store)
+    store.put(key, store.get(key) + b"\0")
+    run.train(1)
+    before = run.snapshot()
+    with pytest.raises(CorruptCheckpoint, match="bytes"):
+        CheckpointManager(store, transfer=SMALL, capture_rng=False).restore(run.state)
+    _assert_untouched(run, before)
+    store.close()

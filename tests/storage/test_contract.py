@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cloudckpt.errors import AlreadyExists, InvalidKey, NotFound, PreconditionFailed
+from cloudckpt.errors import AlreadyExists, CorruptCheckpoint, InvalidKey, NotFound, PreconditionFailed
 from servers import make_store
 
 from cloudckpt.storage import IfMatch, Storage, upload_multipart
@@ -259,3 +259,14 @@ def test_read_into_fills_caller_memory(store):
     assert store.read_into("r", memoryview(tail), 8) == 2 and tail[:2] == b"89"
     with pytest.raises(NotFound):
         store.read_into("missing", memoryview(bytearray(1)))
+
+
+def test_read_into_checks_the_expected_size_where_the_read_reports_it(store):
+    store.put("r", b"0123456789")
+    buffer = bytearray(4)
+    assert store.read_into("r", memoryview(buffer), 0, size=10) == 4 and buffer == b"0123"
+    if store.reads_check_size:
+        with pytest.raises(CorruptCheckpoint, match="10 bytes, 11 were expected"):
+            store.read_into("r", memoryview(buffer), 4, size=11)
+    else:  # stores that cannot tell HEAD instead (the reader does)
+        assert store.read_into("r", memoryview(buffer), 4, size=11) == 4

@@ -16,6 +16,7 @@ Cases (``--cases``, comma-separated; see benchmarks/suite/):
   incremental  saves into one root after real optimizer steps (full training, and fine-tuning)
   training     slowdown of a training loop that saves every K steps
   memory       peak extra resident memory during async saves
+  growth       cloudckpt alone at every size (with --big, 4 GiB too): save/restore time per GiB and peak memory
 
 Peers are optional (``pip install -e '.[bench]'``); one that cannot run is listed with the reason.
 Client CPU is ``getrusage`` of this process; server CPU is moto's process, read from /proc.
@@ -35,8 +36,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from suite import local_cases, report, s3_cases  # noqa: E402
 from suite.harness import Bench  # noqa: E402
+from suite.s3env import S3Env  # noqa: E402
 
-CASES = ("local", "s3", "requests", "blocking", "incremental", "training", "memory")
+CASES = ("local", "s3", "requests", "blocking", "incremental", "training", "memory", "growth")
 
 
 def run_case(bench: Bench, case: str) -> None:
@@ -59,6 +61,8 @@ def run_case(bench: Bench, case: str) -> None:
         local_cases.run_training(bench, a.small_mib)
     elif case == "memory":
         local_cases.run_memory(bench, a.sizes[-1])
+    elif case == "growth":
+        local_cases.run_growth(bench, a.sizes, lambda: S3Env(link_mbps=a.link_mbps))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

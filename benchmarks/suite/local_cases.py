@@ -187,3 +187,46 @@ def run_memory(bench, size_mib: float) -> None:
     ratio = (peak - before) / work.nbytes
     bench.figure(setting, "peak extra RSS during async saves / state size", "ratio", [ratio])
     bench.target(setting, "peak extra memory / state", ratio, 1.2, higher_is_better=False)
+
+
+def _peak_extra(fn) -> tuple[float, int]:
+    """Seconds of ``fn()`` and the most resident memory it added above the level before it."""
+    before = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    sample = measure(fn)
+    return sample.seconds, _status_bytes("VmHWM") - before
+
+
+def run_growth(bench, sizes: list[float], s3_env_factory=None) -> None:
+    """How cloudckpt's save and restore time and peak memory grow with the state (local, and S3 when given)."""
+    setting = "growth with state size"
+    stores = [("local", lambda size: str(bench.fresh(f"growth-{size}")))]
+    if s3_env_factory is not None:
+        env = s3_env_factory()
+        stores.append(("s3", lambda size: f"s3://{env.new_bucket()}/growth"))
+    try:
+        for size in sizes:
+            work = Workload(size, seed=7)
+            gib = work.nbytes / 2**30
+            for store, where in stores:
+                options = {"endpoint_url": env.url} if store == "s3" else None
+                for repeat in range(1 if size > 2048 else bench.args.repeats):
+                    root = where(size)
+                    with cloudckpt.CheckpointManager(root, capture_rng=False, storage_options=options) as mgr:
+                        save_s, save_mem = _peak_extra(lambda: mgr.save(work.state, step=0))
+                        restore_s, restore_mem = _peak_extra(lambda: mgr.restore(work.state))
+                    label = f"{store} {work.nbytes / MiB:.0f} MiB"
+                    bench.figure(setting, f"{label}: save seconds per GiB", "s/GiB", [save_s / gib])
+                    bench.figure(setting, f"{label}: restore seconds per GiB", "s/GiB", [restore_s / gib])
+                    bench.figure(setting, f"{label}: save peak extra RSS / state", "ratio", [save_mem / work.nbytes])
+                    bench.figure(setting, f"{label}: restore peak extra RSS / state", "ratio",
+                                 [restore_mem / work.nbytes])
+                    if store == "local":
+                        shutil.rmtree(root, ignore_errors=True)
+            del work
+    finally:
+        if s3_env_factory is not None:
+            env.stop()
+    bench.note(setting, "cloudckpt alone, defaults; a local restore's extra RSS is the chunk files it maps "
+                        "(page cache, not anonymous memory); an S3 restore stages at most staging_budget")

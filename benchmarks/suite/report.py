@@ -14,6 +14,7 @@ import torch
 import cloudckpt
 
 from .harness import Bench
+from .markdown import render
 from .measure import git_revision
 
 
@@ -63,6 +64,7 @@ def write(bench: Bench, out: Path) -> Path:
               "targets": [t.row() for t in bench.targets], "skipped": bench.skipped, "notes": bench.notes}
     path = out / "results.json"
     path.write_text(json.dumps(report, indent=2, default=str))
+    (out / "results.md").write_text(render(json.loads(path.read_text())))
     _plot(bench, out / "results.png")
     return path
 

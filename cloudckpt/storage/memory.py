@@ -100,6 +100,14 @@ class MemoryStorage(Storage):
             return obj.data
         return obj.data[range[0] : range[1]]
 
+    def get_with_token(self, key: str) -> tuple[bytes, str]:
+        check_key(key)
+        with self._lock:
+            obj = self._objects.get(key)
+        if obj is None:
+            raise NotFound(f"{self.url}: no object {key!r}")
+        return obj.data, str(obj.generation)
+
     def head(self, key: str) -> ObjectInfo:
         check_key(key)
         with self._lock:

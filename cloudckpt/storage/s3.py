@@ -39,7 +39,7 @@ from ..errors import (
     NotFound,
     TransientError,
 )
-from ..hashing import crc32c_b64, crc32c_hex_from_b64
+from ..hashing import crc32c_b64, crc32c_b64_from_hex, crc32c_hex_from_b64
 from .base import (
     Buffer,
     IfMatch,
@@ -162,12 +162,13 @@ class S3Storage(Storage):
                                   (getattr(self, "endpoint", None), getattr(self, "endpoint_setting", None))) from exc
 
     # -- Storage ---------------------------------------------------------------
-    def put(self, key: str, data: Buffer, mode: PutMode = "overwrite") -> ObjectInfo:
-        """Store ``data`` with S3 checking its CRC32C; ``mode`` is enforced by S3 itself."""
+    def put(self, key: str, data: Buffer, mode: PutMode = "overwrite", *, crc32c: str | None = None) -> ObjectInfo:
+        """Store ``data`` with S3 checking its CRC32C (``crc32c``, hex, if the caller has it; computed
+        otherwise); ``mode`` is enforced by S3 itself."""
         full = self._full(key)
         conditions = _condition_args(mode)
         size = memoryview(data).nbytes
-        crc = crc32c_b64(data)
+        crc = crc32c_b64_from_hex(crc32c) if crc32c is not None else crc32c_b64(data)
         with self._translated("put", full, mode):
             response = self._client.put_object(
                 Bucket=self.bucket, Key=full, Body=body_of(data),
@@ -191,6 +192,14 @@ class S3Storage(Storage):
                 raise
             with contextlib.closing(response["Body"]) as body:
                 return body.read()
+
+    def get_with_token(self, key: str) -> tuple[bytes, str]:
+        """The object and its ETag, from one GET."""
+        full = self._full(key)
+        with self._translated("get", full):
+            response = self._client.get_object(Bucket=self.bucket, Key=full)
+            with contextlib.closing(response["Body"]) as body:
+                return body.read(), response["ETag"]
 
     def read_into(self, key: str, buffer: memoryview, offset: int = 0) -> int:
         """Read bytes ``[offset, offset + len(buffer))`` with one ranged GET straight into ``buffer``."""
@@ -383,11 +392,11 @@ class _S3Upload(MultipartUpload):
         self._parts: dict[int, _Part] = {}
         self._lock = threading.Lock()
 
-    def upload_part(self, number: int, data: Buffer) -> None:
-        """Send part ``number`` with its CRC32C, which S3 verifies."""
+    def upload_part(self, number: int, data: Buffer, *, crc32c: str | None = None) -> None:
+        """Send part ``number`` with its CRC32C (``crc32c``, hex, if the caller has it), which S3 verifies."""
         if not 1 <= number <= MAX_PARTS:
             raise ValueError(f"part numbers run from 1 to {MAX_PARTS}, got {number}")
-        crc = crc32c_b64(data)
+        crc = crc32c_b64_from_hex(crc32c) if crc32c is not None else crc32c_b64(data)
         with self._store._translated(f"upload part {number} of", self._full):
             response = self._store._client.upload_part(
                 Bucket=self._store.bucket, Key=self._full, UploadId=self._upload_id, PartNumber=number,

@@ -221,10 +221,16 @@ class S3Storage(Storage):
                     raise CorruptCheckpoint(f"s3://{self.bucket}/{full}: asked for bytes from {offset}, the store "
                                             f"answered with {response.get('ContentRange')!r}")
                 try:
-                    return read_body_into(body, target)
+                    filled = read_body_into(body, target)
                 except (OSError, http.client.HTTPException) as exc:
                     raise TransientError(f"s3://{self.bucket}/{full}: reading bytes from {offset} failed ({exc}); "
                                          "retry") from exc
+                announced = response.get("ContentLength")
+                if isinstance(announced, int) and filled < min(announced, len(target)):
+                    # the connection closed before the announced length (http.client does not raise)
+                    raise TransientError(f"s3://{self.bucket}/{full}: the answer for bytes from {offset} ended after "
+                                         f"{filled} of {announced} bytes; retry")
+                return filled
 
     def head(self, key: str) -> ObjectInfo:
         """The object's size, ETag, modification time and (when S3 has one) full-object CRC32C."""

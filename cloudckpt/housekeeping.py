@@ -18,7 +18,7 @@ from . import run_index
 from .aside import SUPERSEDED_PREFIX, expired_superseded, supersede
 from .catalog import UNUSABLE, Catalog
 from .errors import CloudCkptError, NotFound
-from .format.manifest import check_manifest_name
+from .format.manifest import Manifest, check_manifest_name
 from .pointers import STATE_KEY, update_json
 from .resolver import Resolver, is_junk
 from .format.parts import PARTS_PREFIX
@@ -119,12 +119,28 @@ class Housekeeping:
         return change
 
     def _referenced(self, exclude: set[str], listing: RootListing) -> set[str]:
-        manifests = []
-        for key in self.catalog.names(listing) + self.catalog.superseded_keys(listing):
+        """The chunks the manifests of ``listing`` (but ``exclude``) reference.
+
+        A manifest gone since the listing was deleted, quarantined, or moved (under
+        ``superseded/``, or back from there; copied first, then deleted): then the root is listed
+        again, so a moved one still protects its chunks.
+        """
+        keys = self.catalog.names(listing) + self.catalog.superseded_keys(listing)
+        manifests, gone = self._readable_manifests(keys, exclude)
+        if gone:
+            again = [k for k in self.catalog.names() + self.catalog.superseded_keys() if k not in keys]
+            manifests += self._readable_manifests(again, exclude)[0]
+        return referenced_chunks(manifests, self.store)
+
+    def _readable_manifests(self, keys: list[str], exclude: set[str]) -> tuple[list[Manifest], bool]:
+        manifests, gone = [], False
+        for key in keys:
             if key in exclude:
                 continue
             try:
                 manifests.append(self.catalog.manifest(key))
+            except NotFound:
+                gone = True
             except UNUSABLE as exc:
                 if "/" not in key and is_junk(self.store, key):
                     continue  # not a manifest: it references nothing
@@ -133,7 +149,7 @@ class Housekeeping:
                     "from garbage, so nothing is deleted until it is quarantined "
                     f"(`cloudckpt verify {self.store.url} --all --repair`) or removed"
                 ) from exc
-        return referenced_chunks(manifests, self.store)
+        return manifests, gone
 
     def delete(self, name: str) -> None:
         """Remove one checkpoint now: its manifest goes (the checkpoint ceases to exist); its chunks

@@ -256,8 +256,13 @@ def with_crc32c(method: object, crc32c: str | None) -> dict[str, str]:
 
 def put_object(store: Storage, key: str, data: Buffer, mode: PutMode = "overwrite", *,
                crc32c: str | None = None) -> ObjectInfo:
-    """``store.put`` with the CRC32C (hex) the caller already computed, for backends that take it."""
-    return store.put(key, data, mode, **with_crc32c(store.put, crc32c))
+    """``store.put`` with the CRC32C (hex) the caller already computed, for backends that take it.
+
+    Called the way callers always called ``put`` (``mode`` by keyword, and only when not the
+    default), so wrappers written against that keep working.
+    """
+    extra: dict[str, object] = {} if mode == "overwrite" else {"mode": mode}
+    return store.put(key, data, **extra, **with_crc32c(store.put, crc32c))
 
 
 def part_size_for(store: Storage, part_size: int | None) -> int:

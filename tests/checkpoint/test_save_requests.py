@@ -15,6 +15,7 @@ import torch
 
 from cloudckpt import CheckpointManager, KeepLastN, MemoryStorage, SweepConfig, TransferConfig
 from cloudckpt import hashing
+from cloudckpt.root_listing import RootListing
 from cloudckpt.storage import open_storage
 from cloudckpt.storage.faults import FaultyStorage
 
@@ -141,3 +142,20 @@ def test_crc32c_combine_matches_the_crc_of_the_concatenation():
         combined = hashing.crc32c_combine(hashing.crc32c(first), hashing.crc32c(second), len(second))
         assert combined == hashing.crc32c(first + second), (first_size, second_size)
 
+
+
+def test_a_manifest_moved_aside_after_the_listing_still_protects_its_chunks():
+    """The sweep reads manifests named by a listing taken earlier (a save's, before its upload);
+    one that another writer's rollback moved under superseded/ meanwhile is found there."""
+    store = MemoryStorage()
+    no_grace = SweepConfig(grace=_dt.timedelta(0))
+    writer = CheckpointManager(store, capture_rng=False)
+    training = _Training()
+    for step in (1, 2):
+        writer.save(training.step(), step=step)
+    listing = RootListing.take(store, recursive=True)
+    CheckpointManager(store, capture_rng=False).rollback(1)  # step 2 moves under superseded/
+    sweeper = CheckpointManager(store, capture_rng=False, cleanup=no_grace)
+    report = sweeper.prune_with(listing)
+    assert report.chunks_removed == 0
+    sweeper.verify("checkpoint_step_00000002.ckpt")  # the superseded checkpoint: every chunk is there

@@ -164,10 +164,9 @@ class CheckpointManager(Housekeeping):
             live = [m for m in todo.view.live_manifests() if m.name != manifest.name] + [manifest]
             # A fork moved manifests since the listing, and a token-less commit (the same checkpoint
             # saved again) cannot be told from another object of its name: list again for those.
-            reuse = todo.fork_point is None and token is not None
-            return self.after_commit(manifest, stats, token=token, live=live,
-                                     listing=listing.with_object(ObjectInfo(manifest.name, 0, token or ""))
-                                     if reuse else None)
+            after = (listing.with_object(ObjectInfo(manifest.name, 0, token))
+                     if todo.fork_point is None and token is not None else None)
+            return self.after_commit(manifest, stats, token=token, live=live, listing=after)
 
     def prepare_lineage(self) -> Lineage:
         """The lineage of the next checkpoint this manager commits, forking a new timeline first if the

@@ -96,13 +96,17 @@ def pointer_steps(store: Storage, manifest: Manifest, committed: Callable[[], li
 
     ``committed()`` lists the live checkpoints that count for the best; ``live_now()`` (default:
     ``committed``) lists them afresh, to tell whether a pointer names one that is no longer live.
-    Both are called only when needed, at most once.  ``seen`` receives what the steps read.
+    ``stale`` asks ``committed()`` first and ``live_now()`` only for a pointer naming a checkpoint
+    not among those; each is called only when needed.  ``seen`` receives what the steps read.
     """
+    listed: list[set[str]] = []
     live: list[set[str]] = []
     seen = seen or AfterCommit()
 
     def stale(old: Pointer) -> bool:
-        if any(m.name == old.target for m in committed()):
+        if not listed:
+            listed.append({m.name for m in committed()})
+        if old.target in listed[0]:
             return False  # live when this save listed the root
         if not live:
             live.append({m.name for m in (live_now or committed)()})

@@ -19,9 +19,10 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import Iterable
 
 from .errors import NotFound
-from .storage.base import Storage
+from .storage.base import ObjectInfo, Storage
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,11 @@ def list_quarantined(store: Storage) -> list[Quarantined]:
     return found
 
 
-def expired_superseded(store: Storage, age: _dt.timedelta, now: _dt.datetime) -> list[str]:
-    """Keys of the superseded manifests moved aside at least ``age`` before ``now``."""
-    return [i.key for i in store.list(SUPERSEDED_PREFIX)
+def expired_superseded(listed: Storage | Iterable[ObjectInfo], age: _dt.timedelta, now: _dt.datetime) -> list[str]:
+    """Keys of the superseded manifests moved aside at least ``age`` before ``now``, among the objects
+    under ``superseded/`` (``listed``; a store: listed now)."""
+    infos = listed.list(SUPERSEDED_PREFIX) if isinstance(listed, Storage) else listed
+    return [i.key for i in infos
             if i.key.endswith(".ckpt") and (i.last_modified is None or now - i.last_modified >= age)]
 
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from .aside import SUPERSEDED_PREFIX
 from .errors import CorruptCheckpoint, FormatVersionError, NotFound
 from .format.manifest import MAIN_TIMELINE, Manifest, is_manifest_name, parse_manifest
-from .pointers import Pointer, is_pointer_key, list_pointer_keys, read_pointer
+from .pointers import LATEST_POINTER, Pointer, is_pointer_key, list_pointer_keys, read_pointer
 from .reader import load_manifest
-from .storage.base import Storage
+from .root_listing import RootListing
+from .storage.base import ObjectInfo, Storage
 from .writer import WriteStats
 
 log = logging.getLogger(__name__)
@@ -63,16 +64,17 @@ class Catalog:
         self._manifests: dict[str, tuple[str | None, Manifest]] = {}  # key -> (token when read, manifest)
         self._listed: dict[str, str] = {}  # key -> token in the latest listing
 
-    def names(self) -> list[str]:
-        """Names of the manifests at the top of the root (one listing; never cached)."""
-        infos = [i for i in self.store.list("", recursive=False)
-                 if is_manifest_name(i.key) and not is_pointer_key(i.key)]
-        self._listed.update({i.key: i.token for i in infos})
-        return [i.key for i in infos]
+    def names(self, listing: RootListing | None = None) -> list[str]:
+        """Names of the manifests at the top of the root (one listing, or ``listing``; never cached)."""
+        listed = listing.top() if listing is not None else self.store.list("", recursive=False)
+        return self._note([i for i in listed if is_manifest_name(i.key) and not is_pointer_key(i.key)])
 
-    def superseded_keys(self) -> list[str]:
-        """Keys of the manifests under ``superseded/`` (one recursive listing)."""
-        infos = [i for i in self.store.list(SUPERSEDED_PREFIX) if is_manifest_name(i.key.rsplit("/", 1)[-1])]
+    def superseded_keys(self, listing: RootListing | None = None) -> list[str]:
+        """Keys of the manifests under ``superseded/`` (one recursive listing, or ``listing``)."""
+        listed = listing.under(SUPERSEDED_PREFIX) if listing is not None else self.store.list(SUPERSEDED_PREFIX)
+        return self._note([i for i in listed if is_manifest_name(i.key.rsplit("/", 1)[-1])])
+
+    def _note(self, infos: list[ObjectInfo]) -> list[str]:
         self._listed.update({i.key: i.token for i in infos})
         return [i.key for i in infos]
 
@@ -125,10 +127,24 @@ class Catalog:
                 log.warning("cannot use %s: %s", name, exc)
         return manifests
 
-    def pointers(self) -> dict[str, Pointer]:
-        """Every readable pointer object, by key."""
+    def pointers(self, listing: RootListing | None = None, known: dict[str, Pointer | None] | None = None
+                 ) -> dict[str, Pointer]:
+        """Every readable pointer object, by key.
+
+        ``listing`` tells which pointers exist (instead of a LIST); ``known`` gives pointers this
+        process has just read or written (None: it does not exist), which are not read again.
+        """
+        known = known or {}
+        if listing is None:
+            keys = list_pointer_keys(self.store)
+        else:
+            keys = [LATEST_POINTER] + [i.key for i in listing.top() if is_pointer_key(i.key) and i.key != LATEST_POINTER]
         found: dict[str, Pointer] = {}
-        for key in list_pointer_keys(self.store):
+        for key in dict.fromkeys(keys + list(known)):
+            if key in known:
+                if known[key] is not None:
+                    found[key] = known[key]  # type: ignore[assignment]
+                continue
             try:
                 pointer = read_pointer(self.store, key)
             except CorruptCheckpoint as exc:

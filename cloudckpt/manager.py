@@ -25,10 +25,11 @@ from .pointers import is_pointer_key
 from .reader import ReadStats, verify_chunks
 from .resolver import Resolver, Which
 from .retention import as_policy
-from .saving import checkpoint_metadata, metric_value, pointer_steps, with_rng
+from .root_listing import RootListing
+from .saving import AfterCommit, checkpoint_metadata, metric_value, pointer_steps, with_rng
 from .snapshot import HostBufferPool, Snapshot
 from .state import RNG_KEY, RNGState
-from .storage import Storage, open_storage
+from .storage import ObjectInfo, Storage, open_storage
 from .storage.capabilities import check_option, check_writable
 from .sweeper import SweepConfig, Sweeper
 from .timeline import read_live
@@ -146,7 +147,10 @@ class CheckpointManager(Housekeeping):
                 metadata: dict[str, Any]) -> CheckpointInfo:
         snapshot.wait_ready()
         with self._lock:
-            todo = plan(self.resolver.view(pointers=False), self._position)
+            # The save's one listing of the root: whole when retention follows the commit (its
+            # sweep needs the chunks), its top level otherwise.  See cloudckpt/root_listing.py.
+            listing = RootListing.take(self.store, recursive=self.retention is not None)
+            todo = plan(self.resolver.view(pointers=False, listing=listing), self._position)
             known = {c.key: c for m in todo.view.manifests.values() for c in m.chunks}
             uploaded = upload_tensors(self.store, snapshot.tensors, self.transfer, known, devices)
             lineage = apply_fork(self.store, todo) if todo.fork_point is not None else todo.lineage
@@ -158,7 +162,11 @@ class CheckpointManager(Housekeeping):
                      self.store.url, name, manifest.lineage.timeline, stats.chunks_uploaded,
                      stats.bytes_uploaded / 2**20, stats.chunks_reused, stats.bytes_reused / 2**20)
             live = [m for m in todo.view.live_manifests() if m.name != manifest.name] + [manifest]
-            return self.after_commit(manifest, stats, token=token, live=live)
+            # A fork moved manifests since the listing, and a token-less commit (the same checkpoint
+            # saved again) cannot be told from another object of its name: list again for those.
+            after = (listing.with_object(ObjectInfo(manifest.name, 0, token))
+                     if todo.fork_point is None and token is not None else None)
+            return self.after_commit(manifest, stats, token=token, live=live, listing=after)
 
     def prepare_lineage(self) -> Lineage:
         """The lineage of the next checkpoint this manager commits, forking a new timeline first if the
@@ -169,13 +177,16 @@ class CheckpointManager(Housekeeping):
             return apply_fork(self.store, todo) if todo.fork_point is not None else todo.lineage
 
     def after_commit(self, manifest: Manifest, stats: WriteStats | None = None, *,
-                     token: str | None = None, live: list[Manifest] | None = None) -> CheckpointInfo:
+                     token: str | None = None, live: list[Manifest] | None = None,
+                     listing: RootListing | None = None) -> CheckpointInfo:
         """Everything that follows a commit: pointers, the run's index, retention.
 
         For writers that commit manifests themselves (e.g. ``cloudckpt.distributed``).  A checkpoint
         whose timeline was abandoned while it was being written moves no pointer: it is superseded.
         Never raises for a failure of these steps: the checkpoint is committed.  Failures are logged
         and listed in the returned info's ``problems``; the next save runs them again.
+        ``live`` and ``listing``: the save's own listing of the root (plus its checkpoint), used
+        instead of listing again.
         """
         self._open_for_writing()
         moved: list[str] = []
@@ -183,7 +194,8 @@ class CheckpointManager(Housekeeping):
             self.catalog.remember(manifest, token)
             self._position = Position.saved(manifest)
             try:
-                is_live = read_live(self.store).is_live(manifest)
+                record = read_live(self.store)  # afresh: a fork while this save uploaded supersedes it
+                is_live = record.is_live(manifest)
             except Exception as exc:  # the checkpoint is committed: report, do not fail the save
                 problem = report_failure(manifest.name, "reading the live timeline", exc)
                 return dataclasses.replace(CheckpointInfo.of(manifest, (), stats), problems=(problem,))
@@ -195,11 +207,12 @@ class CheckpointManager(Housekeeping):
                 return CheckpointInfo.of(manifest, (), stats, superseded=True)
             listed = self._live_manifests
             # ``live``: the save's own listing plus its checkpoint, instead of listing again
+            seen = AfterCommit()
             steps = pointer_steps(self.store, manifest, (lambda: live) if live is not None else listed,
                                   monitor=self.monitor, mode=self.mode, top_k=self.top_k, moved=moved,
-                                  live_now=listed)
+                                  live_now=listed, seen=seen)
             if self.retention is not None:
-                steps.append(("retention", self.prune))
+                steps.append(("retention", lambda: self.prune_with(listing, live=record, seen=seen)))
             problems = run_after_commit(manifest.name, steps)
         return dataclasses.replace(CheckpointInfo.of(manifest, tuple(moved), stats), problems=problems)
 

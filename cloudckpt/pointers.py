@@ -131,9 +131,9 @@ def compare_and_swap(
     """
     for attempt in range(_MAX_CAS_ATTEMPTS):
         mode: PutMode
+        current: bytes | None
         try:
-            token = store.head(key).token
-            current: bytes | None = store.get(key)
+            current, token = store.get_with_token(key)
             mode = IfMatch(token)
         except NotFound:
             current, mode = None, "create"
@@ -153,11 +153,13 @@ def compare_and_swap(
     )
 
 
-def advance_latest(store: Storage, pointer: Pointer, *, stale: Callable[[Pointer], bool] | None = None) -> bool:
+def advance_latest(store: Storage, pointer: Pointer, *, stale: Callable[[Pointer], bool] | None = None,
+                   seen: dict[str, Pointer | None] | None = None) -> bool:
     """Move ``latest.ckpt`` to ``pointer`` unless it already names a later step.
 
     ``stale(old)`` says whether the pointer's current target is no longer live (superseded or
     gone): such a pointer is replaced whatever its step.  It is asked only when it matters.
+    ``seen`` receives what the pointer names once this call returns (see :func:`compare_and_swap`).
     """
 
     def update(current: bytes | None) -> bytes | None:
@@ -165,17 +167,29 @@ def advance_latest(store: Storage, pointer: Pointer, *, stale: Callable[[Pointer
         if old is not None and old.step > pointer.step and not (stale and stale(old)):
             log.info("latest.ckpt names step %d, newer than %s (step %d); left as is",
                      old.step, pointer.target, pointer.step)
-            return None
+            return _note(seen, LATEST_POINTER, old, None)
         if old == pointer:
-            return None
-        return pointer.to_bytes()
+            return _note(seen, LATEST_POINTER, old, None)
+        return _note(seen, LATEST_POINTER, pointer, pointer.to_bytes())
 
     return compare_and_swap(store, LATEST_POINTER, update)
 
 
-def promote_best(store: Storage, pointer: Pointer, *, stale: Callable[[Pointer], bool] | None = None) -> bool:
+def _note(seen: dict[str, Pointer | None] | None, key: str, pointer: Pointer | None, new: bytes | None) -> bytes | None:
+    """Record in ``seen`` what ``key`` names if ``new`` (None: nothing) is what the update writes; return ``new``.
+
+    The last call of an update wins: a compare-and-swap that loses a race runs its update again.
+    """
+    if seen is not None:
+        seen[key] = pointer
+    return new
+
+
+def promote_best(store: Storage, pointer: Pointer, *, stale: Callable[[Pointer], bool] | None = None,
+                 seen: dict[str, Pointer | None] | None = None) -> bool:
     """Move the best pointer for ``pointer.metric`` if ``pointer.value`` strictly beats its value
-    (or ``stale(old)`` says its current target is no longer live)."""
+    (or ``stale(old)`` says its current target is no longer live).  ``seen``: as for
+    :func:`advance_latest`."""
     assert pointer.metric is not None and pointer.mode is not None
     key = best_pointer_key(pointer.metric)
 
@@ -184,10 +198,10 @@ def promote_best(store: Storage, pointer: Pointer, *, stale: Callable[[Pointer],
         if old is not None and old.target != pointer.target and not is_better(
             pointer.value, old.value, pointer.mode or "min"
         ) and not (stale and stale(old)):
-            return None
+            return _note(seen, key, old, None)
         if old == pointer:
-            return None
-        return pointer.to_bytes()
+            return _note(seen, key, old, None)
+        return _note(seen, key, pointer, pointer.to_bytes())
 
     return compare_and_swap(store, key, update)
 

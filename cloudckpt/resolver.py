@@ -32,6 +32,7 @@ from .errors import CorruptCheckpoint, FormatVersionError, NotFound
 from .format.manifest import FORMAT_NAME, Manifest, check_manifest_name
 from .pointers import BEST_POINTER_PREFIX, LATEST_POINTER, Pointer, best_pointer_key, is_pointer_key
 from .retention import best_first
+from .root_listing import RootListing
 from .storage.base import Storage
 from .timeline import LiveTimeline, read_live
 
@@ -86,13 +87,18 @@ class Resolver:
         self.store = store
         self.catalog = catalog or Catalog(store)
 
-    def view(self, *, superseded: bool = False, pointers: bool = True) -> RootView:
+    def view(self, *, superseded: bool = False, pointers: bool = True, listing: RootListing | None = None,
+             live: LiveTimeline | None = None, known_pointers: dict[str, Pointer | None] | None = None) -> RootView:
         """List and parse the root now (parsed manifests are cached; listings never are).
 
         ``superseded`` lists ``superseded/`` too; ``pointers=False`` skips reading the pointers.
+        ``listing``: a listing of the root this caller just took, used instead of listing again;
+        ``live``: the live timeline as this caller just read it; ``known_pointers``: pointers it
+        just read or wrote (see :meth:`Catalog.pointers`).
         """
-        names = self.catalog.names()  # first: a missing bucket fails here, in one request
-        live = read_live(self.store)
+        names = self.catalog.names(listing)  # first: a missing bucket fails here, in one request
+        if live is None:
+            live = read_live(self.store, listing)
         manifests: dict[str, Manifest] = {}
         problems: dict[str, Exception] = {}
         for name in names:
@@ -100,10 +106,11 @@ class Resolver:
                 manifests[name] = self.catalog.manifest(name)
             except UNUSABLE as exc:
                 problems[name] = exc
-        view = RootView(self.store.url, live, manifests, problems, self.catalog.pointers() if pointers else {},
+        found = self.catalog.pointers(listing, known_pointers) if pointers else {}
+        view = RootView(self.store.url, live, manifests, problems, found,
                         tokens={name: self.catalog.token(name) for name in names})
         if superseded:
-            for key in self.catalog.superseded_keys():
+            for key in self.catalog.superseded_keys(listing if listing is not None and listing.recursive else None):
                 try:
                     view.superseded[key] = self.catalog.manifest(key)
                 except UNUSABLE as exc:

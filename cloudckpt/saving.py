@@ -6,11 +6,12 @@ into the manifest besides tensors, and moves the pointers once the checkpoint ex
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import math
 import socket
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -76,41 +77,78 @@ def checkpoint_metadata(*, step: int, epoch: int | None, reason: str, metrics: M
     )
 
 
+class AfterCommit:
+    """What the steps after a commit saw of the root, for the retention that follows them:
+    the pointers as each step left them, and the pins in the run index it updated."""
+
+    def __init__(self) -> None:
+        self.pointers: dict[str, Pointer | None] = {}
+        self.pins: set[str] | None = None
+
+
 def pointer_steps(store: Storage, manifest: Manifest, committed: Callable[[], list[Manifest]], *,
                   monitor: str | None, mode: str, top_k: int, moved: list[str],
-                  live_now: Callable[[], list[Manifest]] | None = None) -> list[Step]:
+                  live_now: Callable[[], list[Manifest]] | None = None,
+                  seen: AfterCommit | None = None) -> list[Step]:
     """The steps after ``manifest`` is committed: advance ``latest``, promote the best, record it in
     the index.  Each step appends the pointer it moved to ``moved``; the caller runs them one by one
     so that a failure of one is reported without skipping the others.
 
     ``committed()`` lists the live checkpoints that count for the best; ``live_now()`` (default:
     ``committed``) lists them afresh, to tell whether a pointer names one that is no longer live.
-    Both are called only when needed, at most once.
+    ``stale`` asks ``committed()`` first and ``live_now()`` only for a pointer naming a checkpoint
+    not among those; each is called only when needed.  ``seen`` receives what the steps read.
     """
+    listed: list[set[str]] = []
     live: list[set[str]] = []
+    seen = seen or AfterCommit()
 
     def stale(old: Pointer) -> bool:
+        if not listed:
+            listed.append({m.name for m in committed()})
+        if old.target in listed[0]:
+            return False  # live when this save listed the root
         if not live:
             live.append({m.name for m in (live_now or committed)()})
         return old.target not in live[0]
 
     def latest() -> None:
-        if advance_latest(store, Pointer(manifest.name, manifest.step), stale=stale):
-            moved.append(LATEST_POINTER)
+        with _forgotten_on_failure(seen.pointers, LATEST_POINTER):
+            if advance_latest(store, Pointer(manifest.name, manifest.step), stale=stale, seen=seen.pointers):
+                moved.append(LATEST_POINTER)
 
     def best() -> None:
-        if monitor and _promote_best(store, manifest, committed, monitor, mode, stale):
-            moved.append(best_pointer_key(monitor))
+        if monitor:
+            with _forgotten_on_failure(seen.pointers, best_pointer_key(monitor)):
+                if _promote_best(store, manifest, committed, monitor, mode, stale, seen.pointers):
+                    moved.append(best_pointer_key(monitor))
 
     def index() -> None:
-        update_json(store, STATE_KEY, lambda body: run_index.record(
-            body, manifest, monitor=monitor, mode=mode, top_k=top_k))
+        def change(body: dict[str, Any]) -> dict[str, Any]:
+            seen.pins = run_index.pins(body)
+            return run_index.record(body, manifest, monitor=monitor, mode=mode, top_k=top_k)
+
+        try:
+            update_json(store, STATE_KEY, change)
+        except BaseException:
+            seen.pins = None
+            raise
 
     return [("moving latest.ckpt", latest), ("moving the best pointer", best), ("updating the run index", index)]
 
 
+@contextlib.contextmanager
+def _forgotten_on_failure(seen: dict[str, Pointer | None], key: str) -> Iterator[None]:
+    """Drop ``key`` from ``seen`` if the block fails: what it noted may not be what is stored."""
+    try:
+        yield
+    except BaseException:
+        seen.pop(key, None)
+        raise
+
+
 def _promote_best(store: Storage, manifest: Manifest, committed: Callable[[], list[Manifest]], monitor: str,
-                  mode: str, stale: Callable[[Pointer], bool]) -> bool:
+                  mode: str, stale: Callable[[Pointer], bool], seen: dict[str, Pointer | None]) -> bool:
     if not manifest.metrics:
         return False
     value = manifest.metrics.get(monitor)
@@ -124,4 +162,5 @@ def _promote_best(store: Storage, manifest: Manifest, committed: Callable[[], li
     # its commit and the pointer move left the pointer behind, and this repairs it.
     infos = [CheckpointInfo.of(m) for m in committed()]
     best = (best_first(infos, monitor, mode) or [CheckpointInfo.of(manifest)])[0]
-    return promote_best(store, Pointer(best.name, best.step, monitor, best.metrics[monitor], mode), stale=stale)
+    return promote_best(store, Pointer(best.name, best.step, monitor, best.metrics[monitor], mode), stale=stale,
+                        seen=seen)

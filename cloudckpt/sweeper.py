@@ -25,7 +25,7 @@ from .errors import CloudCkptError, PermissionDenied, TransientError
 from .format.manifest import Manifest
 from .format.parts import PARTS_PREFIX
 from .pointers import STATE_KEY, update_json
-from .storage.base import Storage
+from .storage.base import ObjectInfo, Storage
 from .storage.lifecycle import CHUNK_PREFIX
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class Sweeper:
         self.config = config or SweepConfig()
         self._marked: set[str] = set()  # marked for lifecycle expiry by this process: not marked again
         self._uploads_unlistable = False  # listing unfinished uploads failed once: not tried again
+        self._uploads_checked: _dt.datetime | None = None  # when unfinished uploads were last listed
 
     def remove_checkpoints(self, names: Iterable[str], report: SweepReport) -> None:
         """Delete the manifests ``names`` (the checkpoints cease to exist; their chunks become garbage)."""
@@ -102,6 +103,9 @@ class Sweeper:
         self,
         live_chunks: Callable[[], set[str]],
         report: SweepReport,
+        *,
+        listed: list[ObjectInfo] | None = None,
+        index_change: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         """Delete or mark chunks no live manifest references, once they have been garbage for the grace period.
 
@@ -112,13 +116,18 @@ class Sweeper:
         the grace period ends to commit, and its commit makes the chunk live
         again.  ``live_chunks`` is called after the chunk listing, so a manifest
         committed while we listed still protects its chunks.
+
+        ``listed``: the objects under ``chunks/`` and ``parts/`` as the caller listed them (with
+        the manifests ``live_chunks`` reads, in one listing; see :mod:`cloudckpt.root_listing`).
+        ``index_change``: a change of the run index written along with the sweep's own.
         """
         now = self.config.clock()
-        listed = self.store.list(CHUNK_PREFIX) + self.store.list(PARTS_PREFIX)  # parts: format/parts.py
+        if listed is None:
+            listed = self.store.list(CHUNK_PREFIX) + self.store.list(PARTS_PREFIX)  # parts: format/parts.py
         referenced = live_chunks()
         self._marked -= referenced  # re-uploaded since it was marked: a candidate again once unreferenced
         unreferenced = [i for i in listed if i.key not in referenced and i.key not in self._marked]
-        since = self._unreferenced_since({i.key for i in unreferenced}, now, report.dry_run)
+        since = self._unreferenced_since({i.key for i in unreferenced}, now, report.dry_run, index_change)
         garbage = []
         for info in unreferenced:
             uploaded = info.last_modified or since[info.key]
@@ -141,23 +150,37 @@ class Sweeper:
                      if not report.dry_run else "would clean", len(garbage),
                      report.bytes_removed / 2**20, self.store.url)
 
-    def _unreferenced_since(self, keys: set[str], now: _dt.datetime, dry_run: bool) -> dict[str, _dt.datetime]:
+    def _unreferenced_since(self, keys: set[str], now: _dt.datetime, dry_run: bool,
+                            index_change: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, _dt.datetime]:
         if self.config.grace <= _dt.timedelta(0):
+            if index_change is not None and not dry_run:
+                update_json(self.store, STATE_KEY, lambda body: (index_change(body), body)[1])
             return {key: now for key in keys}
         found: dict[str, _dt.datetime] = {}
 
         def change(body: dict[str, Any]) -> dict[str, Any] | None:
             found.clear()
             found.update(run_index.unreferenced_since(body, keys, now))
-            return None if dry_run else body
+            if dry_run:
+                return None
+            if index_change is not None:
+                index_change(body)
+            return body
 
         update_json(self.store, STATE_KEY, change)
         return found
 
-    def abort_stale_uploads(self, report: SweepReport) -> None:
-        """Abort uploads older than ``stale_upload_age`` (left by crashed writers), anywhere in the root."""
+    def abort_stale_uploads(self, report: SweepReport, *, throttled: bool = False) -> None:
+        """Abort uploads older than ``stale_upload_age`` (left by crashed writers), anywhere in the root.
+
+        ``throttled`` (the prune after each save): list them only if this sweeper has not for a
+        quarter of ``stale_upload_age``, so an upload is aborted within 1.25 times that age.
+        """
         now = self.config.clock()
         if self._uploads_unlistable:
+            return
+        if (throttled and self._uploads_checked is not None
+                and now - self._uploads_checked < self.config.stale_upload_age / 4):
             return
         try:
             pending_uploads = self.store.list_pending_uploads("")
@@ -172,6 +195,8 @@ class Sweeper:
                         "cleaned up by cloudckpt: use a bucket lifecycle rule for incomplete multipart uploads. "
                         "Not tried again by this process.", self.store.url, exc, hint)
             return
+        if not report.dry_run:
+            self._uploads_checked = now
         for pending in pending_uploads:
             if pending.initiated is not None and now - pending.initiated >= self.config.stale_upload_age:
                 if not report.dry_run:

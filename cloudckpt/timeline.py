@@ -25,13 +25,16 @@ import logging
 import math
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import CorruptCheckpoint, NotFound, TimelineSuperseded
 from .format.manifest import MAIN_TIMELINE, Manifest, is_manifest_name, is_timeline_id
 from .pointers import compare_and_swap
 from .saving import utc_now_text
 from .storage.base import Storage
+
+if TYPE_CHECKING:
+    from .root_listing import RootListing
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +98,14 @@ class LiveTimeline:
         return cls(body["timeline"], tuple(segments), forks, recorded=True)
 
 
-def read_live(store: Storage) -> LiveTimeline:
-    """The live timeline of ``store``; an unreadable record is an error (nothing is guessed)."""
+def read_live(store: Storage, listing: "RootListing | None" = None) -> LiveTimeline:
+    """The live timeline of ``store``; an unreadable record is an error (nothing is guessed).
+
+    ``listing``: a listing of the root just taken; when it shows no record, none is read (a
+    record written since then is a fork that a later check sees, as if this read came first).
+    """
+    if listing is not None and listing.covers(TIMELINE_KEY) and TIMELINE_KEY not in listing.objects:
+        return LiveTimeline()
     try:
         data = store.get(TIMELINE_KEY)
     except NotFound:

@@ -21,9 +21,9 @@ from .format.dtypes import record_of, tensor_bytes
 from .format.manifest import ChunkRef, Manifest, TensorEntry, chunk_key
 from .format.compression import compress
 from .format.serialize import ChunkPlan, plan_chunks
-from .hashing import blake3_hex, crc32c_hex
+from .hashing import blake3_hex, crc32c, crc32c_combine, crc32c_hex
 from .parallel import run_parallel
-from .storage.base import ObjectInfo, Storage, upload_multipart
+from .storage.base import ObjectInfo, Storage, part_size_for, put_object, upload_multipart
 from .transfer import TransferConfig
 
 log = logging.getLogger(__name__)
@@ -82,22 +82,36 @@ class ChunkUploader:
                 return reused
         stored = raw if self.transfer.compression == "none" else memoryview(
             compress(raw, self.transfer.compression_level))
-        ref = ChunkRef(key, content_hash, len(stored), crc32c_hex(stored), len(raw))
-        self._put(ref, stored)
+        crc, part_crcs = self._checksums(stored)
+        ref = ChunkRef(key, content_hash, len(stored), f"{crc:08x}", len(raw))
+        self._put(ref, stored, part_crcs)
         with self._lock:
             self._in_this_save[key] = ref
             self.stats.chunks_uploaded += 1
             self.stats.bytes_uploaded += ref.size
         return ref
 
-    def _put(self, ref: ChunkRef, data: memoryview) -> None:
-        if ref.size > self.transfer.multipart_threshold:
+    def _checksums(self, data: memoryview) -> tuple[int, list[int] | None]:
+        """The CRC32C of ``data`` and, when it goes in parts, of each part, reading every byte once:
+        the store checks the parts' CRCs, and the chunk's (in the manifest) is combined from them."""
+        if len(data) <= self.transfer.multipart_threshold:
+            return crc32c(data), None
+        size = part_size_for(self.store, self.transfer.part_size)
+        parts = [crc32c(data[start:start + size]) for start in range(0, len(data), size)]
+        whole = parts[0]
+        for start, crc in zip(range(size, len(data), size), parts[1:]):
+            whole = crc32c_combine(whole, crc, min(size, len(data) - start))
+        return whole, parts
+
+    def _put(self, ref: ChunkRef, data: memoryview, part_crcs: list[int] | None) -> None:
+        if part_crcs is not None:
             info = upload_multipart(
                 self.store, ref.key, data,
                 part_size=self.transfer.part_size, concurrency=max(2, self.transfer.concurrency // 4),
+                part_crc32c=[f"{crc:08x}" for crc in part_crcs],
             )
         else:
-            info = self.store.put(ref.key, data)
+            info = put_object(self.store, ref.key, data, crc32c=ref.crc32c)
         where = f"{self.store.url}/{ref.key}"
         if info.size != ref.size or (info.crc32c is not None and info.crc32c != ref.crc32c):
             raise CorruptCheckpoint(

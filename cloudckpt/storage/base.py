@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import abc
 import datetime as _dt
+import functools
+import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -121,7 +123,11 @@ class MultipartUpload(abc.ABC):
 
     @abc.abstractmethod
     def upload_part(self, number: int, data: Buffer) -> None:
-        """Store part ``number`` (1-based).  Every part but the last must meet the backend minimum."""
+        """Store part ``number`` (1-based).  Every part but the last must meet the backend minimum.
+
+        Backends that send a checksum may take a keyword ``crc32c``: the part's CRC32C (hex),
+        already computed by the caller, sent instead of computing it again (see :func:`put_object`).
+        """
 
     @abc.abstractmethod
     def complete(self) -> ObjectInfo:
@@ -158,11 +164,25 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def put(self, key: str, data: Buffer, mode: PutMode = "overwrite") -> ObjectInfo:
-        """Store ``data`` under ``key`` according to ``mode``; return the new object's info."""
+        """Store ``data`` under ``key`` according to ``mode``; return the new object's info.
+
+        Backends that send a checksum with the body may take a keyword ``crc32c``: the CRC32C
+        (hex) of ``data`` that the caller already computed, sent instead of reading every byte
+        again.  Callers go through :func:`put_object`, which passes it only to those that do.
+        """
 
     @abc.abstractmethod
     def get(self, key: str, range: tuple[int, int] | None = None) -> bytes:
         """Return the object's bytes, or bytes ``[start, end)`` of it when ``range`` is given."""
+
+    def get_with_token(self, key: str) -> tuple[bytes, str]:
+        """The whole object and its token (for a compare-and-swap); NotFound if it does not exist.
+
+        Backends whose GET returns the token override this to save the HEAD; the token must be
+        the one of the bytes returned.
+        """
+        token = self.head(key).token
+        return self.get(key), token
 
     @abc.abstractmethod
     def head(self, key: str) -> ObjectInfo:
@@ -235,6 +255,42 @@ class Storage(abc.ABC):
         return f"{type(self).__name__}({self.url!r})"
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_crc32c(method: object) -> bool:
+    try:
+        parameters = inspect.signature(method).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return "crc32c" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def with_crc32c(method: object, crc32c: str | None) -> dict[str, str]:
+    """The keyword that hands ``crc32c`` to ``method`` (a ``put`` or ``upload_part``) if it takes one.
+
+    Storage classes written before the keyword existed (and wrappers of them) get nothing and
+    compute the checksum themselves, as they always did.
+    """
+    if crc32c is None:
+        return {}
+    return {"crc32c": crc32c} if _takes_crc32c(getattr(method, "__func__", method)) else {}
+
+
+def put_object(store: Storage, key: str, data: Buffer, mode: PutMode = "overwrite", *,
+               crc32c: str | None = None) -> ObjectInfo:
+    """``store.put`` with the CRC32C (hex) the caller already computed, for backends that take it.
+
+    Called the way callers always called ``put`` (``mode`` by keyword, and only when not the
+    default), so wrappers written against that keep working.
+    """
+    extra: dict[str, object] = {} if mode == "overwrite" else {"mode": mode}
+    return store.put(key, data, **extra, **with_crc32c(store.put, crc32c))
+
+
+def part_size_for(store: Storage, part_size: int | None) -> int:
+    """The part size :func:`upload_multipart` uses for ``part_size`` (None: the store's default)."""
+    return max(part_size or store.default_part_size, store.min_part_size)
+
+
 def upload_multipart(
     store: Storage,
     key: str,
@@ -243,22 +299,28 @@ def upload_multipart(
     mode: PutMode = "overwrite",
     part_size: int | None = None,
     concurrency: int = 8,
+    part_crc32c: list[str] | None = None,
 ) -> ObjectInfo:
     """Upload ``data`` as a multipart object, parts in parallel; abort on any error.
 
     At most ``concurrency`` parts are in flight; parts are memoryview slices of
-    ``data``, so no part is copied before the backend sends it.
+    ``data``, so no part is copied before the backend sends it.  ``part_crc32c``: the CRC32C
+    (hex) of each part, cut at :func:`part_size_for`, when the caller computed them already.
     """
-    part_size = max(part_size or store.default_part_size, store.min_part_size)
+    part_size = part_size_for(store, part_size)
     view = memoryview(data).cast("B")
     count = max(1, -(-len(view) // part_size))
+    if part_crc32c is not None and len(part_crc32c) != count:
+        raise ValueError(f"{len(part_crc32c)} part checksums for {count} parts of {key!r}")
     failed = threading.Event()
 
     def send(number: int) -> None:
         if failed.is_set():
             return
         try:
-            upload.upload_part(number, view[(number - 1) * part_size : number * part_size])
+            crc = part_crc32c[number - 1] if part_crc32c is not None else None
+            upload.upload_part(number, view[(number - 1) * part_size : number * part_size],
+                               **with_crc32c(upload.upload_part, crc))
         except BaseException:
             failed.set()
             raise

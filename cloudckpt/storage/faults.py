@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Literal, TypeVar
 
 from ..errors import PermissionDenied, SimulatedCrash, TransientError
-from .base import Buffer, MultipartUpload, ObjectInfo, PendingUpload, PutMode, Storage
+from .base import Buffer, MultipartUpload, ObjectInfo, PendingUpload, PutMode, Storage, put_object, with_crc32c
 
 T = TypeVar("T")
 FaultKind = Literal["transient", "permanent", "crash_before", "crash_after", "lost_response"]
@@ -115,11 +115,15 @@ class FaultyStorage(Storage):
             raise TransientError(f"injected lost response: {where} took effect")
         return result
 
-    def put(self, key: str, data: Buffer, mode: PutMode = "overwrite") -> ObjectInfo:
-        return self._run("put", key, lambda: self.inner.put(key, data, mode), memoryview(data).nbytes)
+    def put(self, key: str, data: Buffer, mode: PutMode = "overwrite", *, crc32c: str | None = None) -> ObjectInfo:
+        return self._run("put", key, lambda: put_object(self.inner, key, data, mode, crc32c=crc32c),
+                         memoryview(data).nbytes)
 
     def get(self, key: str, range: tuple[int, int] | None = None) -> bytes:
         return self._run("get", key, lambda: self.inner.get(key, range))
+
+    def get_with_token(self, key: str) -> tuple[bytes, str]:
+        return self._run("get", key, lambda: self.inner.get_with_token(key))
 
     def read_into(self, key: str, buffer: memoryview, offset: int = 0, *, size: int | None = None) -> int:
         return self._run("get", key, lambda: self.inner.read_into(key, buffer, offset, size=size))
@@ -163,8 +167,9 @@ class _FaultyUpload(MultipartUpload):
         self._store = store
         self.key = inner.key
 
-    def upload_part(self, number: int, data: Buffer) -> None:
-        self._store._run("upload_part", self.key, lambda: self._inner.upload_part(number, data),
+    def upload_part(self, number: int, data: Buffer, *, crc32c: str | None = None) -> None:
+        extra = with_crc32c(self._inner.upload_part, crc32c)
+        self._store._run("upload_part", self.key, lambda: self._inner.upload_part(number, data, **extra),
                          memoryview(data).nbytes)
 
     def complete(self) -> ObjectInfo:

@@ -103,6 +103,14 @@ class MemoryStorage(Storage):
             return obj.data
         return obj.data[range[0] : range[1]]
 
+    def get_with_token(self, key: str) -> tuple[bytes, str]:
+        check_key(key)
+        with self._lock:
+            obj = self._objects.get(key)
+        if obj is None:
+            raise NotFound(f"{self.url}: no object {key!r}")
+        return obj.data, str(obj.generation)
+
     def read_into(self, key: str, buffer: memoryview, offset: int = 0, *, size: int | None = None) -> int:
         check_key(key)
         with self._lock:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import tenacity
 
 from ..errors import AlreadyExists, EndpointUnreachable, NotFound, PreconditionFailed, TransientError
-from .base import Buffer, MultipartUpload, ObjectInfo, PendingUpload, PutMode, Storage
+from .base import Buffer, MultipartUpload, ObjectInfo, PendingUpload, PutMode, Storage, put_object, with_crc32c
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -93,14 +93,14 @@ class RetryingStorage(Storage):
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         return self.policy.call(f"{what} on {self.url}", fn)
 
-    def put(self, key: str, data: Buffer, mode: PutMode = "overwrite") -> ObjectInfo:
+    def put(self, key: str, data: Buffer, mode: PutMode = "overwrite", *, crc32c: str | None = None) -> ObjectInfo:
         attempts = 0
 
         def attempt() -> ObjectInfo:
             nonlocal attempts
             attempts += 1
             try:
-                return self.inner.put(key, data, mode)
+                return put_object(self.inner, key, data, mode, crc32c=crc32c)
             except (AlreadyExists, PreconditionFailed):
                 if attempts > 1 and mode != "overwrite":
                     settled = self._settled_by_earlier_attempt(key, data)
@@ -128,6 +128,9 @@ class RetryingStorage(Storage):
 
     def get(self, key: str, range: tuple[int, int] | None = None) -> bytes:
         return self._call(f"get {key!r}", lambda: self.inner.get(key, range))
+
+    def get_with_token(self, key: str) -> tuple[bytes, str]:
+        return self._call(f"get {key!r}", lambda: self.inner.get_with_token(key))
 
     def read_into(self, key: str, buffer: memoryview, offset: int = 0, *, size: int | None = None) -> int:
         return self._call(f"get {key!r}", lambda: self.inner.read_into(key, buffer, offset, size=size))
@@ -178,8 +181,9 @@ class _RetryingUpload(MultipartUpload):
         self._sizes: dict[int, int] = {}
         self.key = inner.key
 
-    def upload_part(self, number: int, data: Buffer) -> None:
-        self._store._call(f"upload part {number} of {self.key!r}", lambda: self._inner.upload_part(number, data))
+    def upload_part(self, number: int, data: Buffer, *, crc32c: str | None = None) -> None:
+        extra = with_crc32c(self._inner.upload_part, crc32c)
+        self._store._call(f"upload part {number} of {self.key!r}", lambda: self._inner.upload_part(number, data, **extra))
         self._sizes[number] = memoryview(data).nbytes
 
     def complete(self) -> ObjectInfo:

@@ -40,7 +40,7 @@ from ..errors import (
     NotFound,
     TransientError,
 )
-from ..hashing import crc32c_b64, crc32c_hex_from_b64
+from ..hashing import crc32c_b64, crc32c_b64_from_hex, crc32c_hex_from_b64
 from .base import (
     Buffer,
     IfMatch,
@@ -182,12 +182,13 @@ class S3Storage(Storage):
                                   (getattr(self, "endpoint", None), getattr(self, "endpoint_setting", None))) from exc
 
     # -- Storage ---------------------------------------------------------------
-    def put(self, key: str, data: Buffer, mode: PutMode = "overwrite") -> ObjectInfo:
-        """Store ``data`` with S3 checking its CRC32C; ``mode`` is enforced by S3 itself."""
+    def put(self, key: str, data: Buffer, mode: PutMode = "overwrite", *, crc32c: str | None = None) -> ObjectInfo:
+        """Store ``data`` with S3 checking its CRC32C (``crc32c``, hex, if the caller has it; computed
+        otherwise); ``mode`` is enforced by S3 itself."""
         full = self._full(key)
         conditions = _condition_args(mode)
         size = memoryview(data).nbytes
-        crc = crc32c_b64(data)
+        crc = crc32c_b64_from_hex(crc32c) if crc32c is not None else crc32c_b64(data)
         with self._translated("put", full, mode):
             response = self._client.put_object(
                 Bucket=self.bucket, Key=full, Body=body_of(data),
@@ -211,6 +212,14 @@ class S3Storage(Storage):
                 raise
             with contextlib.closing(response["Body"]) as body:
                 return body.read()
+
+    def get_with_token(self, key: str) -> tuple[bytes, str]:
+        """The object and its ETag, from one GET."""
+        full = self._full(key)
+        with self._translated("get", full):
+            response = self._client.get_object(Bucket=self.bucket, Key=full)
+            with contextlib.closing(response["Body"]) as body:
+                return body.read(), response["ETag"]
 
     def read_into(self, key: str, buffer: memoryview, offset: int = 0, *, size: int | None = None) -> int:
         """Read bytes ``[offset, offset + len(buffer))`` with one ranged GET straight into ``buffer``
@@ -236,10 +245,16 @@ class S3Storage(Storage):
                     total = answered.rpartition("/")[2] if answered else str(response.get("ContentLength"))
                     check_size(f"s3://{self.bucket}", full, int(total) if total.isdigit() else -1, size)
                 try:
-                    return read_body_into(body, target)
+                    filled = read_body_into(body, target)
                 except (OSError, http.client.HTTPException) as exc:
                     raise TransientError(f"s3://{self.bucket}/{full}: reading bytes from {offset} failed ({exc}); "
                                          "retry") from exc
+                announced = response.get("ContentLength")
+                if isinstance(announced, int) and filled < min(announced, len(target)):
+                    # the connection closed before the announced length (http.client does not raise)
+                    raise TransientError(f"s3://{self.bucket}/{full}: the answer for bytes from {offset} ended after "
+                                         f"{filled} of {announced} bytes; retry")
+                return filled
 
     def head(self, key: str) -> ObjectInfo:
         """The object's size, ETag, modification time and (when S3 has one) full-object CRC32C."""
@@ -407,11 +422,11 @@ class _S3Upload(MultipartUpload):
         self._parts: dict[int, _Part] = {}
         self._lock = threading.Lock()
 
-    def upload_part(self, number: int, data: Buffer) -> None:
-        """Send part ``number`` with its CRC32C, which S3 verifies."""
+    def upload_part(self, number: int, data: Buffer, *, crc32c: str | None = None) -> None:
+        """Send part ``number`` with its CRC32C (``crc32c``, hex, if the caller has it), which S3 verifies."""
         if not 1 <= number <= MAX_PARTS:
             raise ValueError(f"part numbers run from 1 to {MAX_PARTS}, got {number}")
-        crc = crc32c_b64(data)
+        crc = crc32c_b64_from_hex(crc32c) if crc32c is not None else crc32c_b64(data)
         with self._store._translated(f"upload part {number} of", self._full):
             response = self._store._client.upload_part(
                 Bucket=self._store.bucket, Key=self._full, UploadId=self._upload_id, PartNumber=number,

@@ -34,6 +34,7 @@ from cloudckpt import (
 )
 from cloudckpt.pointers import LATEST_POINTER, best_pointer_key, read_pointer
 from cloudckpt.storage.local import LocalStorage
+from cloudckpt.timeline import read_live
 
 KiB = 1024
 TRANSFER = TransferConfig(chunk_size=32 * KiB, pack_threshold=4 * KiB, concurrency=2)
@@ -116,8 +117,12 @@ def test_zombie_and_replacement_saving_concurrently(tmp_path):
     stop.set()
     watcher.join(10)
 
-    backwards = sum(1 for a, b in zip(seen_steps, seen_steps[1:]) if b < a)
-    assert backwards == 0, f"latest.ckpt moved backwards: {seen_steps}"
+    # The one backward move allowed is a fork's: when the replacement saves past checkpoints the zombie
+    # committed after the replacement's restore, it forks a new timeline at its restore point and
+    # points latest.ckpt there before it moves the abandoned ones aside (docs/DESIGN.md section 13).
+    fork_steps = {f.get("from_step") for f in read_live(store).forks}
+    backwards = [(a, b) for a, b in zip(seen_steps, seen_steps[1:]) if b < a]
+    assert all(b in fork_steps for _, b in backwards), f"latest.ckpt moved backwards: {seen_steps}, forks {fork_steps}"
     assert read_pointer(store, LATEST_POINTER).step == 14
     found = audit(store)
     assert not found["partial"] and not found["missing"] and not found["dangling"], found
@@ -129,7 +134,7 @@ def test_zombie_and_replacement_saving_concurrently(tmp_path):
     report(f"[zombie] two writers saving at once: {len(committed)} checkpoints committed "
            f"(A {sum(w == 'A' for w in committed.values())}, B {sum(w == 'B' for w in committed.values())}), "
            f"{len(refused)} same-name saves refused with AlreadyExists, latest.ckpt took {len(seen_steps)} values, "
-           f"moved backwards: {backwards}, checkpoints lost: 0")
+           f"moved back to a fork point: {len(backwards)}, checkpoints lost: 0")
 
 
 def test_a_late_writer_never_moves_pointers_backwards():

@@ -141,11 +141,15 @@ def worker_main(scenarios: dict[str, Callable[[int, int, dict[str, Any]], dict[s
     for rank in range(world):
         pid = os.fork()
         if pid == 0:
-            log = os.open(out_dir / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            os.environ["RANK"] = str(rank)
-            _run_rank(scenarios[scenario], rank, world, args, out_dir)  # never returns
+            try:
+                log = os.open(out_dir / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(log, 1)
+                os.dup2(log, 2)
+                os.environ["RANK"] = str(rank)
+                _run_rank(scenarios[scenario], rank, world, args, out_dir)  # ends the process
+            finally:
+                traceback.print_exc()
+                os._exit(1)  # a rank never returns into the launcher's loop
         ranks[pid] = rank
     while ranks:
         pid, status = os.wait()

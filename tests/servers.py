@@ -37,6 +37,16 @@ class MotoS3:
         self.client().create_bucket(Bucket=name)
         return name
 
+    def seed(self, bucket: str, keys: list[str], body: bytes = b"x") -> None:
+        """Store small objects straight into moto's backend, without HTTP: setup for tests of
+        listing and deleting many keys (1100 PUTs through the server in this process take ~12 s)."""
+        from moto.backends import get_backend
+        from moto.core import DEFAULT_ACCOUNT_ID
+
+        backend = get_backend("s3")[DEFAULT_ACCOUNT_ID]["global"]
+        for key in keys:
+            backend.put_object(bucket, key, body)
+
     def stop(self) -> None:
         self._server.stop()
 

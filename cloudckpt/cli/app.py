@@ -102,7 +102,8 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="cloudckpt: %(levelname)s: %(message)s", stream=sys.stderr)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactSecrets())
+        if not any(isinstance(f, RedactSecrets) for f in handler.filters):  # once, however often cli() runs
+            handler.addFilter(RedactSecrets())
     if verbose < 2:  # the SDKs' own chatter (retries, auth probes) is not for users; errors say enough
         for noisy in ("botocore", "boto3", "urllib3", "google", "google.auth"):
             logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -18,15 +18,19 @@ def _env() -> dict[str, str]:
 def test_stdout_closed_before_the_first_line_is_quiet(tmp_path):
     root = str(tmp_path / "run")
     make_run(root, pin=None)
-    for command in (("show", root), ("ls", root), ("show", root, "--json")):
+    started = []
+    for command in (("show", root), ("ls", root), ("show", root, "--json")):  # at once: each imports torch
         read_end, write_end = os.pipe()
         os.close(read_end)  # the reader is gone before anything is written: every write gets EPIPE
         try:
-            proc = subprocess.run(cli_command(*command), stdout=write_end, stderr=subprocess.PIPE,
-                                  stdin=subprocess.DEVNULL, env=_env(), text=True, timeout=120, check=False)
+            started.append((command, subprocess.Popen(cli_command(*command), stdout=write_end,
+                                                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                                      env=_env(), text=True)))
         finally:
             os.close(write_end)
-        assert proc.stderr == "", f"cloudckpt {' '.join(command)} wrote to stderr:\n{proc.stderr}"
+    for command, proc in started:
+        _, stderr = proc.communicate(timeout=120)
+        assert stderr == "", f"cloudckpt {' '.join(command)} wrote to stderr:\n{stderr}"
         assert proc.returncode == EXIT_BROKEN_PIPE == 141, proc.returncode
 
 

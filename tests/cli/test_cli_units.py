@@ -61,6 +61,23 @@ def test_tensor_paths_walk_every_tagged_form():
     assert tensor_paths(tree["model"], sep=".") == [("w", 0)]
 
 
+def test_running_the_command_again_in_one_process_adds_no_second_redaction_filter(tmp_path):
+    """Each run used to add one more RedactSecrets to every root handler: in a long-lived process
+    (a notebook, a test session) every log record then went through hundreds of redactions."""
+    import logging
+
+    from cloudckpt.cli.redact import RedactSecrets
+
+    handler = logging.StreamHandler()
+    logging.getLogger().addHandler(handler)
+    try:
+        for _ in range(3):
+            assert invoke("ls", str(tmp_path)).returncode == 0
+        assert sum(isinstance(f, RedactSecrets) for f in handler.filters) == 1
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
 @pytest.fixture(scope="module", params=["none", "zstd"])
 def local_run(tmp_path_factory, request):
     """A local run, plain and zstd-compressed: export and copy must handle both."""

@@ -1,4 +1,6 @@
-"""Launch N gloo ranks on localhost as subprocesses (dist_worker.py) and collect their JSON results.
+"""Launch N gloo ranks on localhost and collect their JSON results.
+
+One launcher process runs the worker (dist_worker.py, elastic_worker.py) and forks the ranks.
 
 Shared by the tests and the worker: the deterministic states both sides rebuild.
 """
@@ -6,13 +8,13 @@ Shared by the tests and the worker: the deterministic states both sides rebuild.
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -39,48 +41,54 @@ def run_ranks(scenario: str, args: dict[str, Any], world_size: int = 2, timeout:
               may_die: tuple[int, ...] = (), worker: Path = WORKER) -> list[dict[str, Any] | None]:
     """Run ``scenario`` on ``world_size`` ranks; return each rank's result.
 
+    One launcher process imports the worker (torch, torch.distributed, cloudckpt: seconds) and
+    forks the ranks, each a separate process with its own gloo connections (worker_main).
     Raises AssertionError, with the ranks' output, on a hang or when a rank not in
     ``may_die`` wrote no result (those that may die and did give None).
     """
     out = Path(tempfile.mkdtemp(prefix=f"cloudckpt-{scenario}-"))
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = {
-            **os.environ,
-            "RANK": str(rank), "WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1",
-        }
-        log = open(out / f"rank{rank}.log", "w")  # noqa: SIM115 (the child keeps it)
-        procs.append(subprocess.Popen([sys.executable, str(worker), scenario, json.dumps(args), str(out)],
-                                      env=env, stdout=log, stderr=subprocess.STDOUT, cwd=out))
-        log.close()
-    deadline = time.monotonic() + timeout
-    hung = False
-    for proc in procs:
+    env = {
+        **os.environ,
+        "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("RANK", None)
+    with open(out / "launcher.log", "w") as log:
+        launcher = subprocess.Popen([sys.executable, str(worker), scenario, json.dumps(args), str(out)],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT, cwd=out, start_new_session=True)
+    try:
+        launcher.wait(timeout=timeout)
+        hung = False
+    except subprocess.TimeoutExpired:
+        hung = True
+    if hung or launcher.returncode != 0:
         try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            hung = True
-    if hung:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            os.killpg(launcher.pid, 9)  # the launcher and every rank it forked
+        except ProcessLookupError:
+            pass
+        launcher.wait()
     results = []
-    for rank, proc in enumerate(procs):
+    for rank in range(world_size):
         path = out / f"rank{rank}.json"
         if not hung and not path.exists() and rank in may_die:
             results.append(None)
             continue
         if hung or not path.exists():
-            logs = "\n".join(f"--- rank {r} (exit {p.returncode}) ---\n{(out / f'rank{r}.log').read_text()[-4000:]}"
-                             for r, p in enumerate(procs))
-            raise AssertionError(f"{scenario}: {'timed out' if hung else f'rank {rank} wrote no result'}\n{logs}")
+            raise AssertionError(f"{scenario}: {'timed out' if hung else f'rank {rank} wrote no result'}\n"
+                                 f"{_logs(out, world_size)}")
         results.append(json.loads(path.read_text()))
     return results
+
+
+def _logs(out: Path, world_size: int) -> str:
+    def tail(name: str) -> str:
+        path = out / name
+        return path.read_text()[-4000:] if path.exists() else "(none)"
+
+    ranks = [f"--- rank {r} (exit {tail(f'rank{r}.exit')}) ---\n{tail(f'rank{r}.log')}" for r in range(world_size)]
+    return "\n".join([f"--- launcher ---\n{tail('launcher.log')}", *ranks])
 
 
 def dcp_full_state() -> dict[str, Any]:
@@ -115,24 +123,55 @@ def replicated_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 
 def worker_main(scenarios: dict[str, Callable[[int, int, dict[str, Any]], dict[str, Any]]]) -> None:
-    """A worker's main: ``SCENARIO ARGS_JSON OUT_DIR``; RANK, WORLD_SIZE, MASTER_ADDR/PORT from the environment.
+    """A worker's main: ``SCENARIO ARGS_JSON OUT_DIR``; WORLD_SIZE, MASTER_ADDR/PORT from the environment.
 
-    The scenario's result (JSON) goes to OUT_DIR/rank<N>.json; an unexpected
-    exception is recorded there too, so the test sees it.
+    Called once the worker's imports are done, it forks one process per rank (so the ranks
+    share the import, not a process) and exits when they all have; each rank's exit status goes
+    to OUT_DIR/rank<N>.exit and its output to OUT_DIR/rank<N>.log.
     """
+    scenario, args, out_dir = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+    world = int(os.environ["WORLD_SIZE"])
+    importlib.import_module("torch._dynamo")  # DTensor and fully_shard import it on first use: seconds
+    url = args.get("url", "")
+    if url.startswith(("s3://", "gs://")):  # the SDK, once for all ranks
+        importlib.import_module("cloudckpt.storage.s3" if url.startswith("s3://") else "cloudckpt.storage.gcs")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ranks = {}
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                log = os.open(out_dir / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(log, 1)
+                os.dup2(log, 2)
+                os.environ["RANK"] = str(rank)
+                _run_rank(scenarios[scenario], rank, world, args, out_dir)  # ends the process
+            finally:
+                traceback.print_exc()
+                os._exit(1)  # a rank never returns into the launcher's loop
+        ranks[pid] = rank
+    while ranks:
+        pid, status = os.wait()
+        (out_dir / f"rank{ranks.pop(pid)}.exit").write_text(str(os.waitstatus_to_exitcode(status)))
+    os._exit(0)
+
+
+def _run_rank(scenario: Callable[[int, int, dict[str, Any]], dict[str, Any]], rank: int, world: int,
+              args: dict[str, Any], out_dir: Path) -> None:
+    """One rank: join the gloo group, run the scenario, write its result (or its unexpected exception)."""
     import torch.distributed as dist
 
-    scenario, args, out_dir = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-                            timeout=datetime.timedelta(seconds=args.get("pg_timeout", 60)))
     try:
-        result = scenarios[scenario](rank, world, args)
+        dist.init_process_group("gloo", rank=rank, world_size=world,
+                                init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+                                timeout=datetime.timedelta(seconds=args.get("pg_timeout", 60)))
+        result = scenario(rank, world, args)
     except BaseException as exc:  # noqa: BLE001
         result = {"unexpected": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result, default=str))
     if "unexpected" not in result and not args.get("crash"):
         dist.destroy_process_group()
     sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)  # no atexit / gloo teardown that could wait on a dead peer

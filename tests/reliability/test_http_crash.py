@@ -6,8 +6,9 @@ through a FaultProxy.  The proxy counts its requests and, at the chosen one, SIG
 either before forwarding the request (it never happens) or after the server applied it (the
 process dies with its answer in flight).  First, one run without a kill counts the requests of
 the operation; then crash points are drawn from every (request, before/after) pair: a seeded
-sample by default (``CRASH_POINTS_PER_RUN`` per operation and backend; the seed is printed and
-can be set with CLOUDCKPT_HTTP_CRASH_SEED), every one with ``CLOUDCKPT_HTTP_SWEEP=full``.
+sample by default (``CRASH_POINTS_PER_RUN`` per operation and backend, 8 in all; the seed is
+printed and can be set with CLOUDCKPT_HTTP_CRASH_SEED), every one (about 700) with
+``CLOUDCKPT_HTTP_SWEEP=full``.  Every run starts from a copy of one populated root per backend.
 
 After each kill, a new reader checks the root directly (http_util.check_root): it resolves to a
 checkpoint that restores bit-exactly and verifies, latest never moved back, no manifest
@@ -27,9 +28,8 @@ from fault_proxy import FaultProxy
 from http_util import check_root, clone, full_sweep, http_store, new_prefix, populate
 from reliability_util import report
 
-CRASH_POINTS_PER_RUN = 2
+CRASH_POINTS_PER_RUN = 1
 SEED = int(os.environ.get("CLOUDCKPT_HTTP_CRASH_SEED", "1313"))
-SERVERS = {"s3": "moto_s3", "gcs": "fake_gcs"}
 STEP = "checkpoint_step_{:08d}.ckpt".format
 
 
@@ -76,17 +76,31 @@ def _run_child(proxy: FaultProxy, options: dict, tmp_path: Path, label: str) -> 
     return progress.read_text().split("\n")[:-1] if progress.exists() else []
 
 
+@pytest.fixture(scope="module")
+def templates(moto_s3, fake_gcs):
+    """Per backend: (server, bucket, a root with steps 1 and 2), populated once for the module."""
+    made = {}
+
+    def template(flavor: str):
+        if flavor not in made:
+            server = moto_s3 if flavor == "s3" else fake_gcs
+            bucket = server.new_bucket()
+            root = http_store(flavor, bucket, server.endpoint_url, new_prefix())
+            populate(root)
+            made[flavor] = server, bucket, root
+        return made[flavor]
+
+    return template
+
+
 @pytest.mark.timeout(3600 if full_sweep() else 300)
 @pytest.mark.parametrize("operation", list(EXPECTED))
 @pytest.mark.parametrize("flavor", ["s3", "gcs"])
-def test_sigkill_at_an_http_request_leaves_a_consistent_root(flavor, operation, tmp_path, request):
-    server = request.getfixturevalue(SERVERS[flavor])
-    bucket = server.new_bucket()
+def test_sigkill_at_an_http_request_leaves_a_consistent_root(flavor, operation, tmp_path, templates):
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     rng = random.Random(f"{SEED}-{flavor}-{operation}")
     started = time.monotonic()
-    template = http_store(flavor, bucket, server.endpoint_url, new_prefix())
-    populate(template)
+    server, bucket, template = templates(flavor)
     with FaultProxy(server.endpoint_url, flavor=flavor) as proxy:
 
         def one_run(label: str, schedule: dict[int, str]) -> tuple[str, list[str]]:

@@ -108,9 +108,12 @@ def test_list_by_prefix_sorted(store):
     assert store.list("nothing/") == []
 
 
-def test_list_and_delete_more_than_a_thousand_keys(store):
+def test_list_and_delete_more_than_a_thousand_keys(store, request):
     keys = [f"many/{i:05d}" for i in range(1100)]
-    _parallel(lambda k: store.put(k, b"x"), keys)
+    if request.node.callspec.params["store"] == "s3":  # PUT is tested above; listing is the point here
+        request.getfixturevalue("moto_s3").seed(store.bucket, [f"{store.prefix}/{k}" for k in keys])
+    else:
+        _parallel(lambda k: store.put(k, b"x"), keys)
     store.put("keep/me", b"y")
     listed = store.list("many/")
     assert [i.key for i in listed] == keys

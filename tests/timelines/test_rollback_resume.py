@@ -1,5 +1,10 @@
 """Rollback, then resume in a new process: the new timeline is bit-identical to a run that trained
-it from the rollback point without the detour; latest, best and retention agree with it."""
+it from the rollback point without the detour; latest, best and retention agree with it.
+
+Three training processes per run, so it runs on S3 only: rollback on GCS is covered by
+test_reproductions.py (rollback then continue) and by the HTTP crash sweep
+(tests/reliability/test_http_crash.py), and what makes the run bit-identical (RNG, optimizer,
+data position restored) does not depend on the store."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from cloudckpt import CheckpointManager, KeepBestK, KeepLastN
@@ -36,6 +42,7 @@ def _bits_equal(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.parametrize("cloud_root", ["s3"], indirect=True)
 def test_rollback_then_resume_is_the_run_without_the_detour(cloud_root, tmp_path):
     endpoint = cloud_root.cli_options[1]
     url = cloud_root.url

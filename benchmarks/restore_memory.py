@@ -12,8 +12,8 @@ restore ("peak extra").  The cases:
 * ``mapped``: this checkout as a local root runs it: chunk files are memory-mapped,
   verified through the mapping and copied from it (no staging memory, one read);
 * ``staged``: this checkout with the chunk files not lent, the path a restore from
-  S3 or GCS takes, default ``staging_budget`` (256 MiB): a state above the budget
-  is verified in a first pass and copied in by a second;
+  S3 or GCS takes, with ``staging_budget`` 256 MiB (the smallest default): a state
+  above the budget is verified in a first pass and copied in by a second;
 * ``staged-whole``: the same with a budget above the state: one read, all chunks
   held in staging until every one has verified.
 
@@ -143,7 +143,7 @@ def main() -> None:
         if args.baseline is not None:
             cases["baseline"] = run_case(args.baseline.resolve(), root, args, None)
         cases["mapped"] = run_case(ROOT, root, args, None)
-        cases["staged"] = run_case(ROOT, root, args, None, lend=False)
+        cases["staged"] = run_case(ROOT, root, args, 256, lend=False)
         cases["staged-whole"] = run_case(ROOT, root, args, 2 * args.size_mib + 64, lend=False)
     base = statistics.median(cases["baseline"]["seconds"]) if "baseline" in cases else None
     print(f"\nrestore of a {args.size_mib} MiB state from a local root, {args.repeats} runs each (median)")

@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def memory_limit() -> int | None:
+    """The memory this process may use: physical memory, or a lower cgroup (container) limit."""
+    try:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    for path in _CGROUP_LIMITS:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
+    return limit
+
+
+def default_staging_budget() -> int:
+    """A quarter of :func:`memory_limit`, at least 256 MiB and at most 8 GiB."""
+    limit = memory_limit()
+    return 256 * MiB if limit is None else max(256 * MiB, min(8 * GiB, limit // 4))
 
 
 @dataclass(frozen=True)
@@ -44,8 +70,10 @@ class TransferConfig:
     staging_budget
         Host memory a restore from S3 or GCS verifies chunks in before it
         writes any live tensor (see ``docs/RELIABILITY.md`` section 2).  A
-        state larger than this is read twice.  Local roots need none: their
-        chunk files are verified and copied through memory maps.
+        state larger than this is read twice.  Defaults to a quarter of the
+        memory the process may use (a container's limit when lower), between
+        256 MiB and 8 GiB.  Local roots need none: their chunk files are
+        verified and copied through memory maps.
     """
 
     chunk_size: int = 64 * MiB
@@ -58,7 +86,7 @@ class TransferConfig:
     verify: Literal["store", "read-back"] = "store"
     compression: Literal["none", "zstd"] = "none"
     compression_level: int = 1
-    staging_budget: int = 256 * MiB
+    staging_budget: int = field(default_factory=default_staging_budget)
 
     def __post_init__(self) -> None:
         if self.pack_size is None:

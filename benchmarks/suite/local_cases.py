@@ -208,22 +208,22 @@ def run_growth(bench, sizes: list[float], s3_env_factory=None) -> None:
     try:
         for size in sizes:
             work = Workload(size, seed=7)
-            gib = work.nbytes / 2**30
             for store, where in stores:
                 options = {"endpoint_url": env.url} if store == "s3" else None
+                rows: dict[str, list[float]] = {}
                 for repeat in range(1 if size > 2048 else bench.args.repeats):
                     root = where(size)
                     with cloudckpt.CheckpointManager(root, capture_rng=False, storage_options=options) as mgr:
-                        save_s, save_mem = _peak_extra(lambda: mgr.save(work.state, step=0))
-                        restore_s, restore_mem = _peak_extra(lambda: mgr.restore(work.state))
-                    label = f"{store} {work.nbytes / MiB:.0f} MiB"
-                    bench.figure(setting, f"{label}: save seconds per GiB", "s/GiB", [save_s / gib])
-                    bench.figure(setting, f"{label}: restore seconds per GiB", "s/GiB", [restore_s / gib])
-                    bench.figure(setting, f"{label}: save peak extra RSS / state", "ratio", [save_mem / work.nbytes])
-                    bench.figure(setting, f"{label}: restore peak extra RSS / state", "ratio",
-                                 [restore_mem / work.nbytes])
+                        for op, run in (("save", lambda: mgr.save(work.state, step=0)),
+                                        ("restore", lambda: mgr.restore(work.state))):
+                            seconds, extra = _peak_extra(run)
+                            rows.setdefault(f"{op} seconds per GiB", []).append(seconds / (work.nbytes / 2**30))
+                            rows.setdefault(f"{op} peak extra RSS / state", []).append(extra / work.nbytes)
                     if store == "local":
                         shutil.rmtree(root, ignore_errors=True)
+                for name, samples in rows.items():
+                    bench.figure(setting, f"{store} {work.nbytes / MiB:.0f} MiB: {name}",
+                                 "s/GiB" if "seconds" in name else "ratio", samples)
             del work
     finally:
         if s3_env_factory is not None:

@@ -151,3 +151,16 @@ def test_local_lend_is_a_stable_view_of_the_whole_file(tmp_path):
     with pytest.raises(NotFound):
         store.lend("missing")
     assert MemoryStorage().lend("a") is None  # stores that cannot lend say so; the restore stages instead
+
+
+def test_the_default_staging_budget_is_a_quarter_of_the_memory_limit_a_container_sets(tmp_path, monkeypatch):
+    from cloudckpt import transfer
+
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(transfer, "_CGROUP_LIMITS", (str(tmp_path / "absent"), str(limit)))
+    limit.write_text("4294967296\n")  # a 4 GiB pod on a larger machine
+    assert transfer.default_staging_budget() == 1024 * 1024 * KiB
+    limit.write_text("max\n")  # no container limit: physical memory decides, within 256 MiB..8 GiB
+    assert 256 * 1024 * KiB <= transfer.default_staging_budget() <= 8 * 1024 * 1024 * KiB
+    limit.write_text("268435456\n")
+    assert TransferConfig().staging_budget == 256 * 1024 * KiB  # the floor

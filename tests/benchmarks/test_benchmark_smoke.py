@@ -27,8 +27,10 @@ def test_the_quick_benchmark_run_produces_every_table(tmp_path):
     contenders = {(row["setting"].split()[0], row["contender"].split(":")[0], row["op"]) for row in report["results"]}
     for setting in ("local", "s3"):
         assert {(setting, "cloudckpt", "save"), (setting, "cloudckpt", "restore")} <= contenders
-    assert {("s3", "ceiling", "save"), ("s3", "ceiling", "restore")} <= contenders
+    assert {(setting, "ceiling", op) for setting in ("local", "s3") for op in ("save", "restore")} <= contenders
     assert all(row["median_MBps"] > 0 and row["client_cpu_s_per_gib"] >= 0 for row in report["results"])
     figures = {row["setting"].split()[0] for row in report["figures"]}
-    assert figures == {"requests", "blocking", "incremental", "training", "memory"}
+    assert figures == {"requests", "blocking", "incremental", "training", "memory", "growth"}
     assert "target" in done.stdout and "contender" in done.stdout
+    markdown = (out / "results.md").read_text()
+    assert "### local" in markdown and "### Targets" in markdown

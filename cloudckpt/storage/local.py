@@ -24,13 +24,14 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
-import mmap
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import unquote, urlparse
+
+import torch
 
 from ..errors import AlreadyExists, NotFound, PermissionDenied, PreconditionFailed
 from .base import (
@@ -234,11 +235,21 @@ class LocalStorage(Storage):
 
     def lend(self, key: str) -> memoryview:
         """The file, memory-mapped copy-on-write: a chunk file is never rewritten in place (writes
-        replace it by rename), so the mapping keeps the bytes it had, even if the name is deleted."""
-        with _translate("get", key, self.url), open(self._path(key), "rb") as fh:
-            if os.fstat(fh.fileno()).st_size == 0:
+        replace it by rename), so the mapping keeps the bytes it had, even if the name is deleted.
+
+        The map holds no file descriptor (``mmap.mmap`` would keep one per view, and a restore holds
+        a view of every chunk until it commits: thousands of chunks would exhaust the process's limit).
+        """
+        path = self._path(key)
+        with _translate("get", key, self.url):
+            size = path.stat().st_size
+            if size == 0:
                 return memoryview(bytearray())
-            return memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY))
+            try:
+                mapped = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+            except RuntimeError as exc:  # replaced by a shorter file or removed since the stat
+                raise FileNotFoundError(f"{path} changed while it was being mapped") from exc
+        return mapped.numpy().data
 
     def head(self, key: str) -> ObjectInfo:
         with _translate("head", key, self.url):

@@ -164,3 +164,17 @@ def test_the_default_staging_budget_is_a_quarter_of_the_memory_limit_a_container
     assert 256 * 1024 * KiB <= transfer.default_staging_budget() <= 8 * 1024 * 1024 * KiB
     limit.write_text("268435456\n")
     assert TransferConfig().staging_budget == 256 * 1024 * KiB  # the floor
+
+
+def test_lending_many_chunk_files_holds_no_file_descriptors(tmp_path):
+    """A restore holds a view of every chunk until it commits; a descriptor per view would run a
+    large checkpoint into the process's open-file limit."""
+    import os
+
+    store = LocalStorage(tmp_path)
+    for i in range(64):
+        store.put(f"chunks/{i:02x}", bytes([i]) * 4096)
+    open_before = len(os.listdir("/proc/self/fd"))
+    views = [store.lend(f"chunks/{i:02x}") for i in range(64)]
+    assert len(os.listdir("/proc/self/fd")) - open_before < 4
+    assert all(bytes(v[:1]) == bytes([i]) and len(v) == 4096 for i, v in enumerate(views))

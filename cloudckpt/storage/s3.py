@@ -24,11 +24,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import boto3
-import botocore.loaders
 import urllib3
 from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -58,6 +55,7 @@ from .endpoints import s3_endpoint
 from .lifecycle import EXPIRED_TAG_KEY, EXPIRED_TAG_VALUE
 from .s3_checksums import full_object_crc32c, reported_crc32c
 from .s3_body import body_of, read_body_into
+from .s3_client import make_client
 from .s3_errors import Call, error_for_code, precondition_error, translate_error
 
 __all__ = ["S3Storage", "translate_error"]
@@ -70,8 +68,6 @@ MIN_PART_SIZE = 5 * MiB
 MAX_PART_SIZE = 5 * GiB
 MAX_PARTS = 10_000
 DELETE_BATCH = 1000
-CONNECT_TIMEOUT_S = 10
-READ_TIMEOUT_S = 60
 
 def _condition_args(mode: PutMode) -> dict[str, str]:
     """The request parameters that make S3 enforce ``mode``."""
@@ -82,42 +78,6 @@ def _condition_args(mode: PutMode) -> dict[str, str]:
     if isinstance(mode, IfMatch):
         return {"IfMatch": mode.token}
     raise ValueError(f"unknown put mode {mode!r}; use 'overwrite', 'create' or IfMatch(token)")
-
-
-
-
-_models_lock = threading.Lock()
-_shared_models: Any = None
-
-
-def _service_models() -> Any:
-    """One botocore data loader for the process: every new client would otherwise parse S3's
-    service model and endpoint rules again (about 0.1 CPU-second each time)."""
-    global _shared_models
-    with _models_lock:
-        if _shared_models is None:
-            _shared_models = botocore.loaders.create_loader()
-        return _shared_models
-
-
-def _make_client(endpoint_url: str | None, region: str | None, profile: str | None,
-                 max_pool_connections: int) -> Any:
-    # A session of its own (credentials are resolved afresh for each store), sharing only the
-    # parsed service models, which are plain data.
-    session = boto3.session.Session(profile_name=profile)
-    session._session.register_component("data_loader", _service_models())
-    config = Config(
-        retries={"mode": "standard", "total_max_attempts": 1},
-        connect_timeout=CONNECT_TIMEOUT_S,
-        read_timeout=READ_TIMEOUT_S,
-        max_pool_connections=max_pool_connections,
-        # Every body carries the CRC32C cloudckpt computed, which S3 checks before storing it:
-        # botocore need not add a checksum of its own, nor SHA-256 the payload for the signature
-        # (it already skips that over HTTPS; this skips it over plain HTTP endpoints too).
-        request_checksum_calculation="when_required",
-        s3={"payload_signing_enabled": False},
-    )
-    return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
 
 # -- the store -----------------------------------------------------------------
@@ -164,7 +124,7 @@ class S3Storage(Storage):
         self._owns_client = client is None
         if client is None:
             with self._translated("connect to", None):
-                client = _make_client(endpoint_url, region, profile, max_pool_connections)
+                client = make_client(endpoint_url, region, profile, max_pool_connections)
         self._client = client
         self.endpoint, self.endpoint_setting = s3_endpoint(client, endpoint_url, region, self._owns_client)
 

@@ -429,7 +429,7 @@ def _is_upload_listing(path: str) -> bool:
 def s3_client(endpoint_url: str, *, read_timeout: float = 60.0, connect_timeout: float = 5.0):
     """A boto3 S3 client like S3Storage's own (no botocore retries), with a chosen read timeout.
 
-    S3Storage has no read-timeout option (READ_TIMEOUT_S is a module constant); a client built
+    S3Storage has no read-timeout option (READ_TIMEOUT_S is a constant of storage/s3_client.py); a client built
     here and passed as ``S3Storage(..., client=...)`` is how a shorter one is used.
     """
     import boto3

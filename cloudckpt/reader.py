@@ -7,9 +7,11 @@ only once the whole checkpoint has verified (:mod:`cloudckpt.staged_read`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -65,8 +67,7 @@ class ChunkFetcher:
         data: bytes | bytearray | memoryview = self._fetch_checked(ref)
         if ref.key.endswith(".zst"):
             data = decompress(data, ref.raw_size, where)
-        if self.full and blake3_hex(data) != ref.hash:
-            raise CorruptCheckpoint(f"{where}: chunk content does not match its BLAKE3 name")
+        self._check_content(ref, data)
         return memoryview(data)
 
     def fetch_stored(self, ref: ChunkRef) -> memoryview:
@@ -76,20 +77,29 @@ class ChunkFetcher:
         """
         data = self._fetch_checked(ref)
         if self.full:
-            content = decompress(data, ref.raw_size, f"{self.store.url}/{ref.key}") if ref.key.endswith(".zst") \
-                else data
-            if blake3_hex(content) != ref.hash:
-                raise CorruptCheckpoint(f"{self.store.url}/{ref.key}: chunk content does not match its BLAKE3 name")
+            self._check_content(ref, decompress(data, ref.raw_size, f"{self.store.url}/{ref.key}")
+                                if ref.key.endswith(".zst") else data)
         return memoryview(data)
 
     def _fetch_checked(self, ref: ChunkRef) -> bytes | bytearray:
-        where = f"{self.store.url}/{ref.key}"
-        try:
+        with self._missing_is_corrupt(ref):
             data = self._download(ref)
-        except NotFound as exc:
-            raise CorruptCheckpoint(f"{where}: chunk is missing (referenced by the manifest)") from exc
         self.check_stored(ref, data)
         return data
+
+    @contextlib.contextmanager
+    def _missing_is_corrupt(self, ref: ChunkRef) -> Iterator[None]:
+        """A chunk the manifest references but the store does not have makes the checkpoint corrupt."""
+        try:
+            yield
+        except NotFound as exc:
+            raise CorruptCheckpoint(f"{self.store.url}/{ref.key}: chunk is missing (referenced by the manifest)") \
+                from exc
+
+    def _check_content(self, ref: ChunkRef, content: bytes | bytearray | memoryview) -> None:
+        """With ``full``: the content must hash to the chunk's BLAKE3 name."""
+        if self.full and blake3_hex(content) != ref.hash:
+            raise CorruptCheckpoint(f"{self.store.url}/{ref.key}: chunk content does not match its BLAKE3 name")
 
     def check_stored(self, ref: ChunkRef, data: bytes | bytearray | memoryview) -> None:
         """Check a chunk's stored bytes against the manifest: size and CRC32C."""
@@ -102,16 +112,12 @@ class ChunkFetcher:
     def lend_checked(self, ref: ChunkRef) -> memoryview | None:
         """The store's lent view of an uncompressed chunk (see :meth:`Storage.lend`), checked like
         :meth:`fetch`; None when the store lends no views."""
-        try:
+        with self._missing_is_corrupt(ref):
             view = self.store.lend(ref.key)
-        except NotFound as exc:
-            raise CorruptCheckpoint(f"{self.store.url}/{ref.key}: chunk is missing (referenced by the manifest)") \
-                from exc
         if view is None:
             return None
         self.check_stored(ref, view)
-        if self.full and blake3_hex(view) != ref.hash:
-            raise CorruptCheckpoint(f"{self.store.url}/{ref.key}: chunk content does not match its BLAKE3 name")
+        self._check_content(ref, view)
         return view
 
     def fetch_into(self, ref: ChunkRef, dest: memoryview) -> None:
@@ -127,8 +133,7 @@ class ChunkFetcher:
             self._read_ranges_into(ref, dest)
             if crc32c_hex(dest) != ref.crc32c:
                 raise CorruptCheckpoint(f"{where}: chunk CRC32C mismatch; the stored bytes are damaged")
-        if self.full and blake3_hex(dest) != ref.hash:
-            raise CorruptCheckpoint(f"{where}: chunk content does not match its BLAKE3 name")
+        self._check_content(ref, dest)
 
     def _read_ranges_into(self, ref: ChunkRef, dest: memoryview) -> None:
         where = f"{self.store.url}/{ref.key}"
@@ -141,11 +146,9 @@ class ChunkFetcher:
 
         futures = [self._ranges.submit(read, s) for s in range(0, ref.size, step)]
         wait(futures)  # every range has stopped writing into dest before anyone reuses it
-        try:
+        with self._missing_is_corrupt(ref):
             for future in futures:
                 future.result()
-        except NotFound as exc:
-            raise CorruptCheckpoint(f"{where}: chunk is missing (referenced by the manifest)") from exc
 
     def _download(self, ref: ChunkRef) -> bytes | bytearray:
         step = self.transfer.range_size

@@ -25,10 +25,10 @@ class StateMismatch(CloudCkptError, KeyError):
         return str(self.args[0])
 
 
-def match_destinations(saved: Any, target: Any, target_tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Map saved tensor index -> live tensor, walking the saved and the live tree side by side."""
+def match_destinations(pairs: list[tuple[str, int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    """Map saved tensor index -> live tensor (the first one paired with it, see :func:`pair_tensors`)."""
     found: dict[int, torch.Tensor] = {}
-    for _, i, tensor in pair_tensors(saved, target, target_tensors):
+    for _, i, tensor in pairs:
         found.setdefault(i, tensor)
     return found
 

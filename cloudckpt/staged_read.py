@@ -239,7 +239,7 @@ def stage_tensors(
         ref = manifest.chunks[index]
         only_piece = pieces[index][0] if len(pieces[index]) == 1 else None
         if index in lendable:
-            view = lent.pop(index, None) or fetcher.lend_checked(ref)
+            view = lent.pop(index) if index in lent else fetcher.lend_checked(ref)
             if view is None:
                 raise RuntimeError(f"{store!r} lent a view of one chunk but not of {ref.key}")
             copy_fresh(index, view)

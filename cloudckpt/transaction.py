@@ -69,7 +69,7 @@ def restore_checkpoint(
         raise CorruptCheckpoint(f"{where}: the state tree refers to tensor {unknown[0]}, "
                                 f"but the manifest lists {len(manifest.tensors)} tensors")
     pairs = pair_tensors(subtree, live.tree, live.tensors)
-    destinations = {} if map_location is not None else match_destinations(subtree, live.tree, live.tensors)
+    destinations = {} if map_location is not None else match_destinations(pairs)
 
     staged = stage_tensors(store, manifest, destinations, transfer, only=indices,
                            before_reading=lambda: check_shapes(pairs, [t.shape for t in manifest.tensors]))

@@ -176,15 +176,15 @@ def run_memory(bench, size_mib: float) -> None:
     work = Workload(size_mib, seed=6)
     setting = f"memory {work.nbytes / MiB:.0f} MiB"
     with cloudckpt.CheckpointManager(bench.fresh("memory"), async_save=True, capture_rng=False) as mgr:
-        before = _status_bytes("VmRSS")
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # reset the peak (VmHWM) to the current RSS
-        for step in range(2):
-            mgr.save(work.state, step=step)
-            mgr.wait()
-            work.step()
-        peak = _status_bytes("VmHWM")
-    ratio = (peak - before) / work.nbytes
+
+        def two_saves() -> None:
+            for step in range(2):
+                mgr.save(work.state, step=step)
+                mgr.wait()
+                work.step()
+
+        _, extra = _peak_extra(two_saves)
+    ratio = extra / work.nbytes
     bench.figure(setting, "peak extra RSS during async saves / state size", "ratio", [ratio])
     bench.target(setting, "peak extra memory / state", ratio, 1.2, higher_is_better=False)
 
@@ -193,7 +193,7 @@ def _peak_extra(fn) -> tuple[float, int]:
     """Seconds of ``fn()`` and the most resident memory it added above the level before it."""
     before = _status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
+        fh.write("5")  # reset the peak (VmHWM) to the current RSS
     sample = measure(fn)
     return sample.seconds, _status_bytes("VmHWM") - before
 

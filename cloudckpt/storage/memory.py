@@ -92,31 +92,28 @@ class MemoryStorage(Storage):
         check_key(key)
         return self._store(key, bytes(data), mode)
 
-    def get(self, key: str, range: tuple[int, int] | None = None) -> bytes:
+    def _object(self, key: str) -> _Object:
+        """The object stored under ``key``; NotFound if there is none."""
         check_key(key)
-        check_range(key, range)
         with self._lock:
             obj = self._objects.get(key)
         if obj is None:
             raise NotFound(f"{self.url}: no object {key!r}")
+        return obj
+
+    def get(self, key: str, range: tuple[int, int] | None = None) -> bytes:
+        check_range(key, range)
+        obj = self._object(key)
         if range is None:
             return obj.data
         return obj.data[range[0] : range[1]]
 
     def get_with_token(self, key: str) -> tuple[bytes, str]:
-        check_key(key)
-        with self._lock:
-            obj = self._objects.get(key)
-        if obj is None:
-            raise NotFound(f"{self.url}: no object {key!r}")
+        obj = self._object(key)
         return obj.data, str(obj.generation)
 
     def read_into(self, key: str, buffer: memoryview, offset: int = 0, *, size: int | None = None) -> int:
-        check_key(key)
-        with self._lock:
-            obj = self._objects.get(key)
-        if obj is None:
-            raise NotFound(f"{self.url}: no object {key!r}")
+        obj = self._object(key)
         check_size(self.url, key, len(obj.data), size)
         data = obj.data[offset : offset + len(buffer)]
         memoryview(buffer).cast("B")[: len(data)] = data
